@@ -1,0 +1,5 @@
+//! The checks of the decision core. Each takes the facts of the transaction
+//! (and, where it needs them, the clock, store and resolver) and returns a
+//! verdict; none of them touches a socket.
+
+pub mod clients;

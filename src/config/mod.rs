@@ -1,0 +1,563 @@
+//! The configuration file: one YAML document read into typed structs.
+//!
+//! Unknown keys are rejected, every value is validated while it is read, and
+//! every error names the file, line and column. Every option has a default;
+//! `etc/mxguard.yaml` shows each one with a comment and `mxguard.yaml(5)`
+//! documents it.
+
+mod values;
+
+pub use values::{Duration, IpNet, ListenAddr, Size};
+
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+use thiserror::Error;
+
+/// Where the daemon looks for its configuration when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/mxguard/mxguard.yaml";
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub milter: MilterConfig,
+    pub policy: PolicyConfig,
+    pub socketmap: SocketmapConfig,
+    pub http: HttpConfig,
+    pub store: StoreConfig,
+    pub dns: DnsConfig,
+    pub log: LogConfig,
+    pub mode: Mode,
+    /// Name this host gives itself in the headers it adds; empty: the system host name.
+    pub hostname: String,
+    /// How long a stopping daemon waits for sessions in flight.
+    pub shutdown_timeout: Duration,
+    pub local_domains: Vec<String>,
+    pub domains: BTreeMap<String, DomainConfig>,
+    pub srs: Section,
+    pub greylist: Section,
+    pub allowlist: Section,
+    pub denylist: Section,
+    pub ratelimit: Section,
+    pub backscatter: Section,
+    pub auth: Section,
+    pub arc: Section,
+    pub content: Section,
+    pub webhooks: Section,
+}
+
+/// A section whose options a later release defines; for now it takes no keys,
+/// so a misplaced option is reported rather than silently ignored.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Section {}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MilterConfig {
+    /// `inet:HOST:PORT` or `unix:/PATH`; `null` turns the milter front end off.
+    pub listen: Option<ListenAddr>,
+    /// Permissions of a unix socket file (octal).
+    pub socket_mode: SocketMode,
+    /// Run the envelope checks in the milter's RCPT callback.
+    pub envelope_checks: EnvelopeChecks,
+    /// Add the `X-Mxguard` trace header to every accepted message.
+    pub trace_header: bool,
+    pub max_connections: usize,
+    /// Close a milter connection on which Postfix sends nothing for this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for MilterConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(ListenAddr::Unix("/run/mxguard/milter.sock".into())),
+            socket_mode: SocketMode(0o666),
+            envelope_checks: EnvelopeChecks::Auto,
+            trace_header: true,
+            max_connections: 1000,
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Whether the milter runs the envelope checks itself.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvelopeChecks {
+    /// Only when the policy front end is off: a site that wires both runs each
+    /// envelope check once, in the policy front end.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `inet:HOST:PORT` or `unix:/PATH`; `null` turns the policy front end off.
+    pub listen: Option<ListenAddr>,
+    pub socket_mode: SocketMode,
+    /// Clients (IP addresses or CIDR blocks) refused with 554 5.7.1.
+    pub reject_clients: Vec<IpNet>,
+    pub max_connections: usize,
+    /// Postfix keeps policy connections open between requests; close one that
+    /// has been idle this long (Postfix reconnects when it needs to).
+    pub idle_timeout: Duration,
+    /// Longest `name=value` line accepted; a longer one closes the connection.
+    pub max_line_length: usize,
+    /// Most attributes in one request; more close the connection.
+    pub max_attributes: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(ListenAddr::Inet {
+                host: "127.0.0.1".into(),
+                port: 10040,
+            }),
+            socket_mode: SocketMode(0o666),
+            reject_clients: Vec::new(),
+            max_connections: 1000,
+            idle_timeout: Duration::from_secs(600),
+            max_line_length: 4096,
+            max_attributes: 128,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketmapConfig {
+    /// Off unless set; the socketmap front end arrives with the aliases.
+    pub listen: Option<ListenAddr>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `/metrics` and `/healthz`; `null` turns the HTTP listener off.
+    pub listen: Option<ListenAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(ListenAddr::Inet {
+                host: "127.0.0.1".into(),
+                port: 9190,
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// The embedded store's file.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Embedded,
+            path: "/var/lib/mxguard/state.db".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Embedded,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// `IP` or `IP:PORT` (IPv6 as `[IP]:PORT`); empty: the system resolver.
+    pub nameservers: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `mxguard=debug,indymilter=info`, …
+    /// The environment variable `MXGUARD_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// `enforce` tells Postfix each decision; `report` logs and counts every
+/// decision but tells Postfix to go on (a dry run).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Report,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DomainConfig {
+    pub source: DomainSource,
+    /// Rules in the grammar of `forward-email=` TXT records.
+    pub rules: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainSource {
+    #[default]
+    Config,
+    Dns,
+}
+
+/// A file mode written in octal, as a string (`"0660"`) or a number (`0660`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // YAML reads an unquoted 0660 as the decimal 660, so both forms are
+        // taken as octal digits.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        let digits = match Raw::deserialize(d)? {
+            Raw::Num(n) => n.to_string(),
+            Raw::Str(s) => s,
+        };
+        u32::from_str_radix(digits.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .map(SocketMode)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid socket mode `{digits}`: expected octal such as 0660"
+                ))
+            })
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:04o}", self.0))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            milter: MilterConfig::default(),
+            policy: PolicyConfig::default(),
+            socketmap: SocketmapConfig::default(),
+            http: HttpConfig::default(),
+            store: StoreConfig::default(),
+            dns: DnsConfig::default(),
+            log: LogConfig::default(),
+            mode: Mode::Enforce,
+            hostname: String::new(),
+            shutdown_timeout: Duration::from_secs(30),
+            local_domains: Vec::new(),
+            domains: BTreeMap::new(),
+            srs: Section::default(),
+            greylist: Section::default(),
+            allowlist: Section::default(),
+            denylist: Section::default(),
+            ratelimit: Section::default(),
+            backscatter: Section::default(),
+            auth: Section::default(),
+            arc: Section::default(),
+            content: Section::default(),
+            webhooks: Section::default(),
+        }
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        // An empty file, or one holding only comments, means "all defaults".
+        let config = serde_yaml::from_str::<Option<Config>>(text)
+            .map_err(|e| syntax_error(origin, &e))?
+            .unwrap_or_default();
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that involve more than one value.
+    fn validate(&self) -> Result<(), String> {
+        let listeners = [
+            ("milter.listen", &self.milter.listen),
+            ("policy.listen", &self.policy.listen),
+            ("socketmap.listen", &self.socketmap.listen),
+            ("http.listen", &self.http.listen),
+        ];
+        for (i, (name_a, a)) in listeners.iter().enumerate() {
+            for (name_b, b) in &listeners[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b)
+                    && a == b
+                    && !matches!(a, ListenAddr::Inet { port: 0, .. })
+                {
+                    return Err(format!(
+                        "{name_a} and {name_b} are both {a}: each front end needs its own socket"
+                    ));
+                }
+            }
+        }
+        if let Some(ListenAddr::Unix(p)) = &self.http.listen {
+            return Err(format!(
+                "http.listen is unix:{}: the HTTP listener takes HOST:PORT only",
+                p.display()
+            ));
+        }
+        if self.socketmap.listen.is_some() {
+            return Err(
+                "socketmap.listen is set, but this release has no socketmap front end yet".into(),
+            );
+        }
+        for (name, n) in [
+            ("milter.max_connections", self.milter.max_connections),
+            ("policy.max_connections", self.policy.max_connections),
+        ] {
+            if n == 0 {
+                return Err(format!("{name} is 0: it must be at least 1"));
+            }
+        }
+        if self.policy.max_line_length < 512 {
+            return Err(format!(
+                "policy.max_line_length is {}: it must be at least 512, or Postfix's ordinary requests are refused",
+                self.policy.max_line_length
+            ));
+        }
+        if self.policy.max_attributes < 32 {
+            return Err(format!(
+                "policy.max_attributes is {}: it must be at least 32, or Postfix's ordinary requests are refused",
+                self.policy.max_attributes
+            ));
+        }
+        if self
+            .hostname
+            .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "hostname `{}` contains white space or control characters",
+                self.hostname.escape_debug()
+            ));
+        }
+        for ns in &self.dns.nameservers {
+            parse_nameserver(ns).map_err(|e| format!("dns.nameservers: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML, as `check-config` prints it.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+}
+
+/// `IP` (port 53) or `IP:PORT`, IPv6 as `[IP]:PORT` or a bare IPv6 address.
+pub fn parse_nameserver(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse().map_err(|_| {
+        format!("invalid name server `{s}`: expected IP or IP:PORT, e.g. 127.0.0.1:5353")
+    })
+}
+
+fn syntax_error(origin: &str, e: &serde_yaml::Error) -> ConfigError {
+    let full = e.to_string();
+    match e.location() {
+        Some(loc) => {
+            // serde_yaml appends " at line L column C"; the location is given
+            // up front instead, in the file:line:column form editors follow.
+            let message = full
+                .rsplit_once(" at line ")
+                .map_or(full.as_str(), |(m, _)| m)
+                .to_owned();
+            ConfigError::Syntax {
+                path: origin.to_owned(),
+                line: loc.line(),
+                column: loc.column(),
+                message,
+            }
+        }
+        None => ConfigError::Invalid {
+            path: origin.to_owned(),
+            message: full,
+        },
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, "t.yaml") {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_means_defaults() -> Result<(), ConfigError> {
+        assert_eq!(Config::parse("", "t.yaml")?, Config::default());
+        assert_eq!(
+            Config::parse("# only a comment\n", "t.yaml")?,
+            Config::default()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let e = err("milter:\n  listen: inet:127.0.0.1:1\n  lisen: x\n");
+        assert!(
+            e.starts_with("t.yaml:3:3: milter: unknown field `lisen`, expected one of"),
+            "{e}"
+        );
+        let e = err("greylist: { enabled: true }\n");
+        assert!(
+            e.starts_with("t.yaml:1:13: greylist: unknown field `enabled`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_say_what_was_expected() {
+        let e = err("policy:\n  reject_clients: [192.0.2.0/33]\n");
+        assert!(e.starts_with("t.yaml:2:"), "{e}");
+        assert!(e.contains("the prefix length is larger than 32"), "{e}");
+        let e = err("shutdown_timeout: 10\n");
+        assert!(
+            e.contains("invalid duration `10`: expected a whole number and a unit"),
+            "{e}"
+        );
+        let e = err("shutdown_timeout: 10 minutes\n");
+        assert!(e.contains("invalid duration `10 minutes`"), "{e}");
+        let e = err("mode: loud\n");
+        assert!(
+            e.contains("unknown variant `loud`, expected `enforce` or `report`"),
+            "{e}"
+        );
+        let e = err("milter: { listen: \"unix:milter.sock\" }\n");
+        assert!(e.contains("must be absolute"), "{e}");
+    }
+
+    #[test]
+    fn cross_checks() {
+        let e = err("milter: { listen: \"inet:127.0.0.1:10040\" }\n");
+        assert_eq!(
+            e,
+            "t.yaml: milter.listen and policy.listen are both inet:127.0.0.1:10040: each front end needs its own socket"
+        );
+        let e = err("policy: { max_line_length: 100 }\n");
+        assert!(e.contains("must be at least 512"), "{e}");
+        let e = err("dns: { nameservers: [\"nowhere\"] }\n");
+        assert!(e.contains("invalid name server `nowhere`"), "{e}");
+    }
+
+    #[test]
+    fn socket_modes() -> Result<(), ConfigError> {
+        assert_eq!(
+            Config::parse("milter: { socket_mode: 0660 }", "t")?
+                .milter
+                .socket_mode,
+            SocketMode(0o660)
+        );
+        assert_eq!(
+            Config::parse("milter: { socket_mode: \"0600\" }", "t")?
+                .milter
+                .socket_mode,
+            SocketMode(0o600)
+        );
+        assert!(err("milter: { socket_mode: 0999 }").contains("invalid socket mode"));
+        Ok(())
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() -> Result<(), ConfigError> {
+        let c = Config::parse(
+            "policy: { reject_clients: [192.0.2.7, 198.51.100.0/24, \"2001:db8::/32\"] }\nmode: report\nshutdown_timeout: 90s\n",
+            "t",
+        )?;
+        assert_eq!(Config::parse(&c.to_yaml(), "printed")?, c);
+        assert_eq!(
+            Config::parse(&Config::default().to_yaml(), "printed")?,
+            Config::default()
+        );
+        Ok(())
+    }
+}

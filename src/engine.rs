@@ -1,0 +1,259 @@
+//! Runs each stage's checks in order and turns their verdicts into one
+//! decision, applying the operator's mode. Built anew from each configuration
+//! (at start and on every reload); front ends hold an `Arc` of the one that
+//! was current when their request or session began.
+
+use crate::{
+    checks::clients::{self, RejectClients},
+    clock::Clock,
+    config::{Config, EnvelopeChecks, Mode},
+    envelope::{Envelope, Stage, show},
+    metrics::Metrics,
+    verdict::{Decision, Verdict},
+};
+use std::sync::{Arc, RwLock};
+use tracing::{debug, info};
+
+pub struct Engine {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    reject_clients: RejectClients,
+    hostname: String,
+}
+
+impl Engine {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, clock: Arc<dyn Clock>) -> Self {
+        let reject_clients = RejectClients::new(&config.policy.reject_clients);
+        let hostname = if config.hostname.is_empty() {
+            system_hostname()
+        } else {
+            config.hostname.clone()
+        };
+        Self {
+            config,
+            metrics,
+            clock,
+            reject_clients,
+            hostname,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    /// The name this host gives itself in added headers.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// Whether the milter must run the envelope checks itself.
+    pub fn milter_runs_envelope_checks(&self) -> bool {
+        match self.config.milter.envelope_checks {
+            EnvelopeChecks::On => true,
+            EnvelopeChecks::Off => false,
+            EnvelopeChecks::Auto => self.config.policy.listen.is_none(),
+        }
+    }
+
+    /// The envelope checks for one stage of a transaction.
+    pub async fn envelope(&self, stage: Stage, env: &Envelope) -> Decision {
+        let found = self
+            .reject_clients
+            .check(env)
+            .map(|(verdict, reason)| (clients::NAME, verdict, reason));
+        let Some((check, verdict, reason)) = found else {
+            debug!(
+                queue_id = show(&env.queue_id),
+                client = %display_ip(env),
+                sender = show(&env.sender),
+                recipient = show(&env.recipient),
+                %stage,
+                "envelope checks passed"
+            );
+            return Decision::pass();
+        };
+        self.decide(stage, env, check, verdict, reason)
+    }
+
+    /// Applies the mode, counts and logs one check's verdict.
+    fn decide(
+        &self,
+        stage: Stage,
+        env: &Envelope,
+        check: &'static str,
+        verdict: Verdict,
+        reason: String,
+    ) -> Decision {
+        let reported_only = self.config.mode == Mode::Report && verdict.is_final();
+        let mode = if reported_only { "report" } else { "enforce" };
+        self.metrics
+            .check_decisions
+            .with_label_values(&[check, verdict.label(), mode])
+            .inc();
+        info!(
+            queue_id = show(&env.queue_id),
+            client = %display_ip(env),
+            sender = show(&env.sender),
+            recipient = show(&env.recipient),
+            %stage,
+            check,
+            verdict = verdict.label(),
+            reply = %verdict.reply().map(|r| r.to_string()).unwrap_or_default(),
+            mode,
+            "{reason}"
+        );
+        let verdict = if reported_only {
+            Verdict::Continue
+        } else {
+            verdict
+        };
+        Decision {
+            verdict,
+            check,
+            reason,
+            reported_only,
+        }
+    }
+}
+
+/// The engine in force, replaced whole on a reload. A request or session
+/// takes its own `Arc` at the start, so a reload never changes a decision
+/// half-way.
+pub struct CurrentEngine(RwLock<Arc<Engine>>);
+
+impl CurrentEngine {
+    pub fn new(engine: Engine) -> Self {
+        Self(RwLock::new(Arc::new(engine)))
+    }
+
+    pub fn get(&self) -> Arc<Engine> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn replace(&self, engine: Engine) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(engine);
+    }
+}
+
+fn display_ip(env: &Envelope) -> String {
+    env.client_addr
+        .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+}
+
+/// The host name from the kernel, as printable ASCII without spaces (so it is
+/// safe inside a header); `localhost` when it cannot be had.
+fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, and gethostname writes
+    // at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let clean: String = name.chars().filter(|c| c.is_ascii_graphic()).collect();
+    if clean.is_empty() {
+        "localhost".to_owned()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    fn engine(yaml: &str) -> Result<Engine, Box<dyn std::error::Error>> {
+        let config = Arc::new(Config::parse(yaml, "test")?);
+        Ok(Engine::new(
+            config,
+            Arc::new(Metrics::new()?),
+            Arc::new(SystemClock),
+        ))
+    }
+
+    fn from(ip: &str) -> Envelope {
+        Envelope {
+            client_addr: ip.parse().ok(),
+            recipient: Some("a@example.org".into()),
+            ..Envelope::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn enforce_mode_refuses_and_counts() -> Result<(), Box<dyn std::error::Error>> {
+        let e = engine("policy: { reject_clients: [192.0.2.0/24] }")?;
+        let d = e.envelope(Stage::Rcpt, &from("192.0.2.1")).await;
+        assert!(matches!(d.verdict, Verdict::Reject(ref r) if r.code == 554));
+        assert_eq!(d.check, "reject_clients");
+        assert!(!d.reported_only);
+        assert_eq!(
+            e.envelope(Stage::Rcpt, &from("198.51.100.1")).await,
+            Decision::pass()
+        );
+        let text = e.metrics().render();
+        assert!(text.contains(r#"mxguard_check_decisions_total{check="reject_clients",mode="enforce",verdict="reject"} 1"#), "{text}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn report_mode_logs_but_continues() -> Result<(), Box<dyn std::error::Error>> {
+        let e = engine("mode: report\npolicy: { reject_clients: [192.0.2.0/24] }")?;
+        let d = e.envelope(Stage::Rcpt, &from("192.0.2.1")).await;
+        assert_eq!(d.verdict, Verdict::Continue);
+        assert!(d.reported_only);
+        assert_eq!(d.check, "reject_clients");
+        assert!(
+            e.metrics()
+                .render()
+                .contains(r#"check="reject_clients",mode="report",verdict="reject"} 1"#)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn envelope_checks_run_in_the_milter_only_without_policy()
+    -> Result<(), Box<dyn std::error::Error>> {
+        assert!(!engine("")?.milter_runs_envelope_checks());
+        assert!(engine("policy: { listen: null }")?.milter_runs_envelope_checks());
+        assert!(engine("milter: { envelope_checks: on }")?.milter_runs_envelope_checks());
+        assert!(
+            !engine("policy: { listen: null }\nmilter: { envelope_checks: off }")?
+                .milter_runs_envelope_checks()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn hostname_is_header_safe() -> Result<(), Box<dyn std::error::Error>> {
+        let h = engine("")?.hostname().to_owned();
+        assert!(
+            !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()),
+            "{h:?}"
+        );
+        assert_eq!(
+            engine("hostname: mx1.example.org")?.hostname(),
+            "mx1.example.org"
+        );
+        Ok(())
+    }
+}

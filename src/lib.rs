@@ -1,0 +1,268 @@
+//! mxguard: inbound forwarding-MX checks and rewriting beside Postfix, as a
+//! milter and an SMTP access policy service.
+//!
+//! The library exists so that the integration tests can start the daemon
+//! in-process with [`run`]; the `mxguard` binary is a thin CLI over it. No
+//! stability is promised for this API.
+
+pub mod checks;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod envelope;
+pub mod http;
+pub mod metrics;
+pub mod milter;
+pub mod net;
+pub mod policy;
+pub mod verdict;
+
+use crate::{
+    clock::SystemClock,
+    config::{Config, ConfigError, ListenAddr},
+    engine::{CurrentEngine, Engine},
+    metrics::Metrics,
+    milter::InFlight,
+    net::{Listener, StoppableListener},
+};
+use std::{
+    future::Future,
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A configuration and the file it came from, so a reload can read it again.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Ok(Self {
+            path: path.to_owned(),
+            config: Config::load(path)?,
+        })
+    }
+}
+
+/// The sockets of the front ends, bound before [`run`] so that a caller (a
+/// test, or `main` before it drops privileges) knows the addresses.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub milter: Option<Listener>,
+    pub policy: Option<Listener>,
+    pub http: Option<Listener>,
+}
+
+impl Listeners {
+    /// Binds every front end the configuration turns on.
+    pub async fn bind(config: &Config) -> io::Result<Self> {
+        let milter = match &config.milter.listen {
+            Some(a) => Some(Listener::bind(a, config.milter.socket_mode).await?),
+            None => None,
+        };
+        let policy = match &config.policy.listen {
+            Some(a) => Some(Listener::bind(a, config.policy.socket_mode).await?),
+            None => None,
+        };
+        let http = match &config.http.listen {
+            Some(a) => Some(Listener::bind(a, config::SocketMode(0o600)).await?),
+            None => None,
+        };
+        Ok(Self {
+            milter,
+            policy,
+            http,
+        })
+    }
+
+    pub fn milter_addr(&self) -> Option<ListenAddr> {
+        self.milter.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn policy_addr(&self) -> Option<ListenAddr> {
+        self.policy.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn http_addr(&self) -> Option<ListenAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the milter front end failed: {0}")]
+    Milter(io::Error),
+}
+
+/// Runs the daemon on the given sockets until `shutdown` resolves.
+///
+/// Each message on `reload` re-reads the configuration file; a file that does
+/// not load is logged and the running configuration stays. On shutdown the
+/// sockets close at once, messages and policy requests in flight get up to
+/// `shutdown_timeout` to finish, and then the function returns.
+pub async fn run(
+    listeners: Listeners,
+    file: ConfigFile,
+    mut reload: mpsc::Receiver<()>,
+    shutdown: impl Future,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let current = Arc::new(CurrentEngine::new(Engine::new(
+        Arc::new(file.config.clone()),
+        metrics.clone(),
+        Arc::new(SystemClock),
+    )));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let in_flight = InFlight::new();
+
+    let (milter_shutdown_tx, milter_shutdown_rx) = oneshot::channel::<()>();
+    let mut milter_task = listeners.milter.map(|l| {
+        let listener = StoppableListener::new(l, stop_rx.clone());
+        tokio::spawn(milter::serve(
+            listener,
+            current.clone(),
+            metrics.clone(),
+            in_flight.clone(),
+            async {
+                let _ = milter_shutdown_rx.await;
+            },
+        ))
+    });
+    let mut policy_task = listeners.policy.map(|l| {
+        tokio::spawn(policy::serve(
+            l,
+            current.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    let http_task = listeners
+        .http
+        .map(|l| tokio::spawn(http::serve(l, metrics.clone(), stop_rx.clone())));
+
+    info!(version = VERSION, config = %file.path.display(), mode = %file.config.mode, "mxguard started");
+    let mut running = file;
+    let mut failure = None;
+    tokio::pin!(shutdown);
+    let mut reload_open = true;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            msg = reload.recv(), if reload_open => match msg {
+                Some(()) => reload_config(&mut running, &current, &metrics),
+                None => reload_open = false,
+            },
+            // The milter's accept loop only ends on its own when it can no
+            // longer accept: that is fatal.
+            res = finished(&mut milter_task) => {
+                let e = match res {
+                    Ok(Ok(())) => io::Error::other("stopped unexpectedly"),
+                    Ok(Err(e)) => e,
+                    Err(join) => io::Error::other(join.to_string()),
+                };
+                error!("the milter front end failed: {e}; stopping");
+                failure = Some(RunError::Milter(e));
+                break;
+            }
+        }
+    }
+    if failure.is_some() {
+        // Its task has completed; it must not be awaited again.
+        milter_task = None;
+    }
+
+    info!(
+        "mxguard stopping: no new connections; waiting up to {} for sessions in flight",
+        running.config.shutdown_timeout
+    );
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(running.config.shutdown_timeout.get(), async {
+        in_flight.idle().await;
+        if let Some(t) = policy_task.as_mut() {
+            let _ = t.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            "sessions still open after {}; closing them",
+            running.config.shutdown_timeout
+        );
+    }
+    let _ = milter_shutdown_tx.send(());
+    if let Some(t) = milter_task {
+        // indymilter closes its idle sessions at once; give it a moment.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            warn!("the milter front end did not stop in time");
+        }
+    }
+    for t in [policy_task, http_task].into_iter().flatten() {
+        t.abort();
+    }
+    info!("mxguard stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Resolves when the task ends; never, when there is none.
+async fn finished<T>(
+    task: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the configuration again and, if it loads, puts it in force. Values
+/// that only take effect at start are kept, with a warning.
+fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, metrics: &Arc<Metrics>) {
+    let mut fresh = match ConfigFile::load(&running.path) {
+        Ok(f) => f,
+        Err(e) => {
+            metrics.reloads.with_label_values(&["error"]).inc();
+            error!("configuration not reloaded, the running one stays: {e}");
+            return;
+        }
+    };
+    let old = &running.config;
+    let new = &mut fresh.config;
+    macro_rules! keep {
+        ($($field:ident).+) => {
+            if new.$($field).+ != old.$($field).+ {
+                warn!(concat!("new value for ", stringify!($($field).+), " not loaded: restart needed"));
+                new.$($field).+ = old.$($field).+.clone();
+            }
+        };
+    }
+    keep!(milter.listen);
+    keep!(milter.socket_mode);
+    keep!(milter.max_connections);
+    keep!(milter.idle_timeout);
+    keep!(policy.listen);
+    keep!(policy.socket_mode);
+    keep!(policy.max_connections);
+    keep!(http.listen);
+    keep!(log.level);
+    current.replace(Engine::new(
+        Arc::new(new.clone()),
+        metrics.clone(),
+        Arc::new(SystemClock),
+    ));
+    metrics.reloads.with_label_values(&["ok"]).inc();
+    info!(config = %fresh.path.display(), mode = %new.mode, "configuration reloaded");
+    *running = fresh;
+}

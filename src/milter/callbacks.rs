@@ -1,0 +1,253 @@
+//! Protocol glue: indymilter callbacks that translate milter stages into
+//! calls on `Session` and verdicts back into milter replies.
+
+use super::{InFlight, session::Session};
+use crate::{
+    engine::CurrentEngine,
+    envelope::show,
+    metrics::Metrics,
+    verdict::{Reply, Verdict},
+};
+use indymilter::{
+    Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, Macros, NegotiateContext,
+    ProtoOpts, SetErrorReply, SmtpReply, SocketInfo, Status,
+};
+use std::{
+    ffi::{CStr, CString},
+    net::IpAddr,
+    sync::Arc,
+    time::Instant,
+};
+use tracing::{Instrument, error, info_span, warn};
+
+const FRONTEND: &str = "milter";
+
+/// What mxguard asks of the MTA: header edits now, envelope rewriting for the
+/// aliases and SRS. An MTA that cannot do all of it is refused at
+/// negotiation rather than half-served.
+pub const REQUIRED_ACTIONS: Actions = Actions::ADD_HEADER
+    .union(Actions::CHANGE_HEADER)
+    .union(Actions::CHANGE_SENDER)
+    .union(Actions::ADD_RCPT)
+    .union(Actions::ADD_RCPT_EXT)
+    .union(Actions::DELETE_RCPT);
+
+pub fn make_callbacks(
+    current: Arc<CurrentEngine>,
+    metrics: Arc<Metrics>,
+    in_flight: InFlight,
+) -> Callbacks<Session> {
+    let m_rcpt = metrics.clone();
+    let m_eom = metrics;
+    Callbacks::new()
+        .on_negotiate(move |cx, actions, opts| {
+            let session = Session::new(current.get(), in_flight.clone());
+            Box::pin(async move { negotiate(cx, session, actions, opts) })
+        })
+        .on_connect(|cx, hostname, info| Box::pin(async move { connect(cx, hostname, info) }))
+        .on_helo(|cx, name| Box::pin(async move { helo(cx, name) }))
+        .on_mail(|cx, args| Box::pin(async move { mail(cx, args) }))
+        .on_rcpt(move |cx, args| {
+            let metrics = m_rcpt.clone();
+            Box::pin(async move { rcpt(cx, args, &metrics).await })
+        })
+        .on_data(|cx| Box::pin(async move { with_queue_id(cx) }))
+        .on_eoh(|cx| Box::pin(async move { with_queue_id(cx) }))
+        .on_eom(move |cx| {
+            let metrics = m_eom.clone();
+            Box::pin(async move { eom(cx, &metrics).await })
+        })
+        .on_abort(|cx| Box::pin(async move { abort(cx) }))
+}
+
+fn negotiate(
+    cx: &mut NegotiateContext<Session>,
+    session: Session,
+    actions: Actions,
+    opts: ProtoOpts,
+) -> Status {
+    if !actions.contains(REQUIRED_ACTIONS) {
+        error!(
+            "milter: the MTA does not offer the actions {:?}; refusing the connection (use Postfix 2.6 or later with milter_protocol = 6)",
+            REQUIRED_ACTIONS.difference(actions)
+        );
+        return Status::Reject;
+    }
+    cx.requested_actions = REQUIRED_ACTIONS;
+    // Exact header bytes, for the DKIM verification that will need them.
+    if opts.contains(ProtoOpts::LEADING_SPACE) {
+        cx.requested_opts |= ProtoOpts::LEADING_SPACE;
+    }
+    let macros: [(MacroStage, &CStr); 5] = [
+        (
+            MacroStage::Connect,
+            c"j {client_addr} {client_name} {client_ptr} {daemon_name}",
+        ),
+        (MacroStage::Mail, c"i {auth_type} {auth_authen}"),
+        (MacroStage::Rcpt, c"i"),
+        (MacroStage::Data, c"i"),
+        (MacroStage::Eom, c"i"),
+    ];
+    for (stage, names) in macros {
+        cx.requested_macros.insert(stage, names.into());
+    }
+    cx.data = Some(session);
+    Status::Continue
+}
+
+/// Every callback needs the session made at negotiation; without it the
+/// only safe answer is a temporary failure.
+macro_rules! session {
+    ($cx:expr) => {
+        match $cx.data.as_mut() {
+            Some(s) => s,
+            None => {
+                error!("milter: no session state; answering tempfail");
+                return Status::Tempfail;
+            }
+        }
+    };
+}
+
+fn macro_string(macros: &Macros, name: &CStr) -> Option<String> {
+    macros
+        .get(name)
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn connect(cx: &mut Context<Session>, hostname: CString, info: SocketInfo) -> Status {
+    let addr: Option<IpAddr> = match info {
+        SocketInfo::Inet(a) => Some(a.ip()),
+        _ => macro_string(&cx.macros, c"{client_addr}").and_then(|a| a.parse().ok()),
+    };
+    let ptr = macro_string(&cx.macros, c"{client_ptr}");
+    let session = session!(cx);
+    session.connect(&hostname.to_string_lossy(), addr, ptr.as_deref());
+    Status::Continue
+}
+
+fn helo(cx: &mut Context<Session>, name: CString) -> Status {
+    session!(cx).helo(&name.to_string_lossy());
+    Status::Continue
+}
+
+fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let sender = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let auth = macro_string(&cx.macros, c"{auth_authen}");
+    let queue_id = macro_string(&cx.macros, c"i");
+    let session = session!(cx);
+    session.mail(&sender, auth);
+    session.set_queue_id(queue_id);
+    Status::Continue
+}
+
+async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>, metrics: &Metrics) -> Status {
+    let rcpt = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let queue_id = macro_string(&cx.macros, c"i");
+    let session = session!(cx);
+    session.set_queue_id(queue_id);
+    let span = span_for(session);
+    let started = Instant::now();
+    let verdict = session.rcpt(&rcpt).instrument(span).await;
+    if session.engine().milter_runs_envelope_checks() {
+        metrics
+            .decision_seconds
+            .with_label_values(&[FRONTEND])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    // A refused recipient is a request answered; accepted ones are counted
+    // with their message at its end.
+    if verdict.is_final() {
+        metrics
+            .requests
+            .with_label_values(&[FRONTEND, verdict.label()])
+            .inc();
+    }
+    answer(&mut cx.reply, &verdict)
+}
+
+fn with_queue_id(cx: &mut Context<Session>) -> Status {
+    let queue_id = macro_string(&cx.macros, c"i");
+    session!(cx).set_queue_id(queue_id);
+    Status::Continue
+}
+
+async fn eom(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status {
+    let queue_id = macro_string(&cx.macros, c"i");
+    let session = session!(cx);
+    session.set_queue_id(queue_id);
+    let span = span_for(session);
+    let _entered = span.enter();
+    let started = Instant::now();
+    let outcome = session.end_of_message();
+    session.reset_message();
+    for (name, value) in &outcome.insert_headers {
+        if let Err(e) = cx
+            .actions
+            .insert_header(0, name.as_str(), value.as_str())
+            .await
+        {
+            // Postfix would be left with a half-changed message: tempfail it.
+            error!("milter: cannot add the {name} header: {e}; answering tempfail");
+            metrics
+                .requests
+                .with_label_values(&[FRONTEND, "tempfail"])
+                .inc();
+            return Status::Tempfail;
+        }
+    }
+    metrics
+        .decision_seconds
+        .with_label_values(&[FRONTEND])
+        .observe(started.elapsed().as_secs_f64());
+    let verdict = match &outcome.verdict {
+        Verdict::Continue => Verdict::Accept,
+        other => other.clone(),
+    };
+    metrics
+        .requests
+        .with_label_values(&[FRONTEND, verdict.label()])
+        .inc();
+    answer(&mut cx.reply, &verdict)
+}
+
+fn abort(cx: &mut Context<Session>) -> Status {
+    session!(cx).reset_message();
+    Status::Continue
+}
+
+fn span_for(session: &Session) -> tracing::Span {
+    let env = session.envelope();
+    info_span!(
+        "milter",
+        queue_id = show(&env.queue_id),
+        client = %env.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+    )
+}
+
+/// A verdict as a milter status, with the custom reply for refusals.
+fn answer(reply: &mut SmtpReply, verdict: &Verdict) -> Status {
+    match verdict {
+        Verdict::Continue => Status::Continue,
+        Verdict::Accept => Status::Accept,
+        Verdict::Discard => Status::Discard,
+        Verdict::Tempfail(r) => with_reply(reply, r, Status::Tempfail),
+        Verdict::Reject(r) => with_reply(reply, r, Status::Reject),
+    }
+}
+
+fn with_reply(reply: &mut SmtpReply, r: &Reply, status: Status) -> Status {
+    let code = r.code.to_string();
+    if let Err(e) = reply.set_error_reply(&code, Some(r.status), [r.text.as_str()]) {
+        // Postfix's generic reply is still a refusal of the right class.
+        warn!("milter: cannot set the reply `{r}`: {e}");
+    }
+    status
+}

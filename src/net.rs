@@ -1,0 +1,181 @@
+//! Listening sockets shared by the front ends: TCP or unix, bound from a
+//! `ListenAddr`, with `TCP_NODELAY` on every accepted TCP connection.
+//!
+//! `TCP_NODELAY` matters for the milter: Postfix writes small packets that
+//! need no reply (macros), and without it each message can stall tens of
+//! milliseconds waiting for a delayed ACK.
+
+use crate::config::{ListenAddr, SocketMode};
+use std::{
+    future::Future,
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    pin::Pin,
+    task::{Context, Poll},
+};
+use tokio::{
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::watch,
+};
+
+pub type Stream = indymilter::EitherStream<TcpStream, UnixStream>;
+
+/// A bound listening socket. A unix socket file is removed when the
+/// listener is dropped.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, UnixPath),
+}
+
+/// A unix socket's path, removed from the file system on drop.
+#[derive(Debug)]
+pub struct UnixPath(PathBuf);
+
+impl Drop for UnixPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listener {
+    /// Binds `addr`. For a unix socket, creates its directory if missing,
+    /// replaces a stale socket file (never any other kind of file) and sets
+    /// the socket's permissions.
+    pub async fn bind(addr: &ListenAddr, mode: SocketMode) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Inet { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port))
+                    .await
+                    .map_err(|e| with_context(e, format!("cannot listen on {addr}")))?;
+                Ok(Self::Tcp(l))
+            }
+            ListenAddr::Unix(path) => {
+                prepare_unix_path(path)?;
+                let l = UnixListener::bind(path)
+                    .map_err(|e| with_context(e, format!("cannot listen on {addr}")))?;
+                let guard = UnixPath(path.clone());
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.0)).map_err(
+                    |e| {
+                        with_context(
+                            e,
+                            format!("cannot set the permissions of {}", path.display()),
+                        )
+                    },
+                )?;
+                Ok(Self::Unix(l, guard))
+            }
+        }
+    }
+
+    /// The address actually bound (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        Ok(match self {
+            Self::Tcp(l) => {
+                let a = l.local_addr()?;
+                ListenAddr::Inet {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                }
+            }
+            Self::Unix(_, p) => ListenAddr::Unix(p.0.clone()),
+        })
+    }
+
+    pub async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Self::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Self::Unix(l, _) => Ok(Stream::Unix(l.accept().await?.0)),
+        }
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Stream>> {
+        match self {
+            Self::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+            Self::Unix(l, _) => l.poll_accept(cx).map_ok(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+fn prepare_unix_path(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| with_context(e, format!("cannot create {}", dir.display())))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
+            with_context(
+                e,
+                format!("cannot remove the stale socket {}", path.display()),
+            )
+        }),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; not replacing it",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(with_context(
+            e,
+            format!("cannot inspect {}", path.display()),
+        )),
+    }
+}
+
+fn with_context(e: io::Error, what: String) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// The milter's listener: stops accepting (and closes the socket) as soon as
+/// the daemon begins to stop, while indymilter keeps serving the sessions
+/// already open until they finish.
+pub struct StoppableListener {
+    inner: Option<Listener>,
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl StoppableListener {
+    pub fn new(inner: Listener, mut stop: watch::Receiver<bool>) -> Self {
+        let stopped = Box::pin(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        Self {
+            inner: Some(inner),
+            stopped,
+        }
+    }
+}
+
+impl indymilter::Listener for StoppableListener {
+    type Io = Stream;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Stream>> {
+        if self.inner.is_some() && self.stopped.as_mut().poll(cx).is_ready() {
+            self.inner = None;
+        }
+        match &self.inner {
+            Some(l) => l.poll_accept(cx),
+            // Never ready again: the caller's own shutdown ends the loop.
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Resolves once the daemon begins to stop (the flag turns true, or its
+/// sender is gone).
+pub async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
