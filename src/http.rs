@@ -54,6 +54,7 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
                 "431 Request Header Fields Too Large",
                 "text/plain",
                 "request too large\n",
+                false,
             )
             .await;
             return;
@@ -67,6 +68,7 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
     let result = match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
             write(
@@ -74,16 +76,18 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
                 &metrics.render(),
+                head_only,
             )
             .await
         }
-        ("GET" | "HEAD", "/healthz") => write(stream, "200 OK", "text/plain", "ok\n").await,
+        ("GET" | "HEAD", "/healthz") => write(stream, "200 OK", "text/plain", "ok\n", head_only).await,
         ("GET" | "HEAD", _) => {
             write(
                 stream,
                 "404 Not Found",
                 "text/plain",
                 "not found: try /metrics or /healthz\n",
+                head_only,
             )
             .await
         }
@@ -93,6 +97,7 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
                 "405 Method Not Allowed",
                 "text/plain",
                 "only GET is served\n",
+                false,
             )
             .await
         }
@@ -111,12 +116,15 @@ async fn write(
     status: &str,
     content_type: &str,
     body: &str,
+    head_only: bool,
 ) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    if !head_only {
+        stream.write_all(body.as_bytes()).await?;
+    }
     stream.shutdown().await
 }

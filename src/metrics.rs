@@ -93,6 +93,10 @@ impl Metrics {
         // Make the series visible at zero before the first event.
         for frontend in ["policy", "milter"] {
             sessions.with_label_values(&[frontend]);
+            decision_seconds.with_label_values(&[frontend]);
+            for verdict in ["continue", "accept", "discard", "tempfail", "reject"] {
+                requests.with_label_values(&[frontend, verdict]);
+            }
         }
         Ok(Self {
             registry,

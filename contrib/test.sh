@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs mxguard's whole test suite on a Debian 12 machine: installs what the
+# tests need (Postfix, redis-server, man-db) when it is missing, then runs
+# the tests, clippy and the format check. The tests start their own Postfix,
+# Redis and DNS server on loopback ports; nothing reaches the internet.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+[ -x /usr/sbin/postfix ] || need+=(postfix)
+[ -x /usr/bin/redis-server ] || need+=(redis-server)
+command -v man >/dev/null || need+=(man-db)
+command -v groff >/dev/null || need+=(groff-base)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "contrib/test.sh: missing ${need[*]}; run as root, or: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+    echo "contrib/test.sh: installing ${need[*]}"
+    apt-get update -qq
+    # "No configuration": Debian writes no /etc/postfix/main.cf, so the
+    # system's own Postfix never starts; the tests run their own instances.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "contrib/test.sh: the end-to-end tests start Postfix, whose master process runs as root; run as root" >&2
+    exit 1
+fi
+
+cargo test --locked --all-targets
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings

@@ -1,0 +1,205 @@
+//! The `mxguard` binary itself: arguments, exit codes, and real signals.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mxguard");
+
+fn mxguard(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap_or_else(|e| panic!("cannot run mxguard: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn version_and_help() {
+    let out = mxguard(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), format!("mxguard {}\n", mxguard::VERSION));
+    let out = mxguard(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    assert!(help.contains("run") && help.contains("check-config"), "{help}");
+    let out = mxguard(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/mxguard.yaml");
+    let out = mxguard(&["check-config", "-c", &example.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = mxguard::config::Config::parse(&text(&out.stdout), "stdout").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(printed, mxguard::config::Config::default());
+    assert!(text(&out.stderr).contains("configuration OK"));
+}
+
+#[test]
+fn check_config_errors_name_file_line_and_column_and_exit_78() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "milter:\n  listen: \"inet:127.0.0.1:8891\"\n  lisen: x\n").unwrap_or_else(|e| panic!("{e}"));
+    let out = mxguard(&["check-config", "-c", &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = text(&out.stderr);
+    assert!(err.starts_with(&format!("mxguard: {}:3:3: milter: unknown field `lisen`", path.display())), "{err}");
+
+    let out = mxguard(&["check-config", "-c", "/nonexistent/mxguard.yaml"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(text(&out.stderr).contains("/nonexistent/mxguard.yaml: cannot read the configuration"));
+
+    let out = mxguard(&["run", "-c", &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(78), "run refuses an invalid file too");
+}
+
+struct Daemon {
+    child: Child,
+    log: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(["run", "-c", &config.display().to_string()])
+            .env("MXGUARD_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start mxguard: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Daemon { child, log: rx, seen: Vec::new() }
+    }
+
+    /// Waits for a log line containing `needle`.
+    fn expect_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.seen.iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            if let Ok(l) = self.log.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push(l);
+            }
+        }
+        panic!("no log line with `{needle}`; seen:\n{}", self.seen.join("\n"));
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn policy_answer(port: u16, client: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap_or_else(|e| panic!("{e}"));
+    write!(s, "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nrecipient=a@example.org\n\n")
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap_or_else(|e| panic!("read: {e}"));
+    text(&buf[..n])
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mxguard did not open port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sighup_reloads_and_sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (policy, http) = (common::ports::free_port(), common::ports::free_port());
+    let sock = dir.path().join("run/milter.sock");
+    let config = |extra: &str| {
+        format!(
+            "milter: {{ listen: \"unix:{}\" }}\npolicy: {{ listen: \"inet:127.0.0.1:{policy}\"{extra} }}\n\
+             http: {{ listen: \"127.0.0.1:{http}\" }}\nstore: {{ path: \"{}/state.db\" }}\n",
+            sock.display(),
+            dir.path().display()
+        )
+    };
+    let path = dir.path().join("mxguard.yaml");
+    std::fs::write(&path, config("")).unwrap_or_else(|e| panic!("{e}"));
+    let mut d = Daemon::start(&path);
+    wait_for_port(policy);
+    d.expect_log("mxguard started");
+    assert!(sock.exists(), "the milter socket (and its directory) are created");
+    assert_eq!(policy_answer(policy, "192.0.2.1"), "action=DUNNO\n\n");
+
+    // A broken file: logged, and the running configuration stays.
+    std::fs::write(&path, "policy: [this is not a map\n").unwrap_or_else(|e| panic!("{e}"));
+    d.signal(libc::SIGHUP);
+    d.expect_log("configuration not reloaded, the running one stays");
+    assert_eq!(policy_answer(policy, "192.0.2.1"), "action=DUNNO\n\n");
+
+    // A good one is put in force.
+    std::fs::write(&path, config(", reject_clients: [192.0.2.1]")).unwrap_or_else(|e| panic!("{e}"));
+    d.signal(libc::SIGHUP);
+    d.expect_log("configuration reloaded");
+    assert!(policy_answer(policy, "192.0.2.1").starts_with("action=REJECT 5.7.1 "));
+
+    // A value that needs a restart is kept, with a warning.
+    std::fs::write(&path, config(", reject_clients: [192.0.2.1], max_connections: 5")).unwrap_or_else(|e| panic!("{e}"));
+    d.signal(libc::SIGHUP);
+    d.expect_log("new value for policy.max_connections not loaded: restart needed");
+
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(Duration::from_secs(10)), Some(0), "SIGTERM exits 0");
+    d.expect_log("mxguard stopped");
+    assert!(!sock.exists(), "the milter socket is removed on stop");
+}
+
+#[test]
+fn a_busy_port_is_a_clear_start_failure() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = taken.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("mxguard.yaml");
+    std::fs::write(
+        &path,
+        format!("milter: {{ listen: null }}\npolicy: {{ listen: \"inet:127.0.0.1:{port}\" }}\nhttp: {{ listen: null }}\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = mxguard(&["run", "-c", &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on inet:127.0.0.1:{port}")), "{err}");
+}

@@ -1,0 +1,188 @@
+//! The milter front end spoken to through the milter protocol
+//! (indymilter-test acting as the MTA).
+
+mod common;
+
+use common::daemon::Mxguard;
+use indymilter_test::{Actions, MacroStage, ProtoOpts, Status, TestConnection, any};
+use std::{net::SocketAddr, time::Duration};
+
+async fn open(d: &Mxguard) -> TestConnection {
+    TestConnection::configure()
+        .read_timeout(Duration::from_secs(5))
+        .open_tcp(d.milter_addr())
+        .await
+        .unwrap_or_else(|e| panic!("open milter connection: {e}"))
+}
+
+fn client(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}")), 40000)
+}
+
+fn rejected_with(status: &Status) -> String {
+    match status {
+        Status::Reject { message: Some(m) } | Status::Tempfail { message: Some(m) } => m.to_string_lossy().into_owned(),
+        other => panic!("expected a refusal with a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn negotiates_actions_and_macros() {
+    let d = Mxguard::start("").await;
+    let conn = open(&d).await;
+    let actions = conn.negotiated_actions();
+    for a in [
+        Actions::ADD_HEADER,
+        Actions::CHANGE_HEADER,
+        Actions::CHANGE_SENDER,
+        Actions::ADD_RCPT,
+        Actions::ADD_RCPT_EXT,
+        Actions::DELETE_RCPT,
+    ] {
+        assert!(actions.contains(a), "{a:?} not negotiated: {actions:?}");
+    }
+    assert!(conn.negotiated_opts().contains(ProtoOpts::LEADING_SPACE));
+    let macros = conn.requested_macros();
+    let connect = macros.get(&MacroStage::Connect).map(|m| m.to_string_lossy().into_owned()).unwrap_or_default();
+    assert!(connect.contains("{client_addr}") && connect.contains("{client_ptr}"), "{connect}");
+    let mail = macros.get(&MacroStage::Mail).map(|m| m.to_string_lossy().into_owned()).unwrap_or_default();
+    assert!(mail.contains('i') && mail.contains("{auth_authen}"), "{mail}");
+    assert!(macros.contains_key(&MacroStage::Eom));
+}
+
+#[tokio::test]
+async fn refuses_an_mta_that_cannot_rewrite_recipients() {
+    let d = Mxguard::start("").await;
+    let result = TestConnection::configure()
+        .read_timeout(Duration::from_secs(5))
+        .available_actions(Actions::ADD_HEADER | Actions::CHANGE_HEADER)
+        .open_tcp(d.milter_addr())
+        .await;
+    assert!(result.is_err(), "negotiation must fail without the recipient actions");
+}
+
+/// One whole message through the callbacks; returns the end-of-message result.
+async fn message(conn: &mut TestConnection, ip: &str, rcpts: &[&str]) -> Vec<Status> {
+    let mut statuses = Vec::new();
+    conn.macros(MacroStage::Connect, [("j", "mx.mxguard.test"), ("{client_ptr}", "mail.example.com")])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    statuses.push(conn.connect("mail.example.com", client(ip)).await.unwrap_or_else(|e| panic!("{e}")));
+    statuses.push(conn.helo("mail.example.com").await.unwrap_or_else(|e| panic!("{e}")));
+    statuses.push(conn.mail(["<bob@example.com>"]).await.unwrap_or_else(|e| panic!("{e}")));
+    for r in rcpts {
+        statuses.push(conn.rcpt([format!("<{r}>")]).await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn accepted_messages_get_the_trace_header() {
+    let d = Mxguard::start("").await;
+    let mut conn = open(&d).await;
+    let statuses = message(&mut conn, "198.51.100.1", &["alice@example.org"]).await;
+    assert!(statuses.iter().all(|s| *s == Status::Continue), "{statuses:?}");
+    conn.macros(MacroStage::Data, [("i", "4XyZ1AbC")]).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conn.data().await.unwrap_or_else(|e| panic!("{e}")), Status::Continue);
+    conn.header("From", " bob@example.com").await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("Subject", " hello").await.unwrap_or_else(|e| panic!("{e}"));
+    conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.body("Hi.\r\n").await.unwrap_or_else(|e| panic!("{e}"));
+    let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, Status::Accept);
+    let expected = format!(" mx.mxguard.test {}", mxguard::VERSION);
+    assert!(actions.has_insert_header(0, "X-Mxguard", expected.as_str()), "{actions:?}");
+    assert_eq!(d.metric(r#"mxguard_requests_total{frontend="milter",verdict="accept"}"#).await, 1.0);
+    assert_eq!(d.metric(r#"mxguard_sessions_in_flight{frontend="milter"}"#).await, 1.0);
+    conn.close().await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(d.metric(r#"mxguard_sessions_in_flight{frontend="milter"}"#).await, 0.0);
+}
+
+#[tokio::test]
+async fn the_trace_header_can_be_turned_off() {
+    let d = Mxguard::start("milter: { trace_header: false }").await;
+    let mut conn = open(&d).await;
+    message(&mut conn, "198.51.100.1", &["alice@example.org"]).await;
+    conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+    let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, Status::Accept);
+    assert!(!actions.has_insert_header(any(), "X-Mxguard", any()), "{actions:?}");
+}
+
+#[tokio::test]
+async fn milter_only_sites_get_the_envelope_checks_at_rcpt() {
+    let d = Mxguard::start("policy: { listen: null, reject_clients: [192.0.2.0/24] }").await;
+    let mut conn = open(&d).await;
+    let statuses = message(&mut conn, "192.0.2.10", &["alice@example.org"]).await;
+    let last = statuses.last().cloned().unwrap_or(Status::Continue);
+    assert_eq!(
+        rejected_with(&last),
+        "554 5.7.1 Your client address 192.0.2.10 is refused by this server's policy; \
+         if you think this is a mistake, reach the recipient's postmaster another way"
+    );
+    assert_eq!(d.metric(r#"mxguard_requests_total{frontend="milter",verdict="reject"}"#).await, 1.0);
+}
+
+#[tokio::test]
+async fn with_the_policy_service_on_the_milter_leaves_envelope_checks_to_it() {
+    let d = Mxguard::start("policy: { reject_clients: [192.0.2.0/24] }").await;
+    let mut conn = open(&d).await;
+    let statuses = message(&mut conn, "192.0.2.10", &["alice@example.org"]).await;
+    assert!(statuses.iter().all(|s| *s == Status::Continue), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_new_message_on_the_same_connection_starts_clean() {
+    let d = Mxguard::start("").await;
+    let mut conn = open(&d).await;
+    message(&mut conn, "198.51.100.1", &["a@example.org"]).await;
+    conn.abort().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conn.mail(["<>"]).await.unwrap_or_else(|e| panic!("{e}")), Status::Continue);
+    assert_eq!(conn.rcpt(["<b@example.org>"]).await.unwrap_or_else(|e| panic!("{e}")), Status::Continue);
+    conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+    let (_, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, Status::Accept);
+}
+
+#[tokio::test]
+async fn stop_lets_a_message_in_flight_finish() {
+    let d = Mxguard::start("").await;
+    let addr = d.milter_addr();
+    let mut conn = open(&d).await;
+    message(&mut conn, "198.51.100.1", &["a@example.org"]).await;
+    conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    let stopping = tokio::spawn(d.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections once stopping...
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the milter socket must be closed");
+    // ...but the message in flight completes.
+    conn.header("Subject", " late").await.unwrap_or_else(|e| panic!("{e}"));
+    conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+    let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, Status::Accept);
+    assert!(actions.has_insert_header(0, "X-Mxguard", any()));
+    let result = stopping.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn unix_socket_milter() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("milter.sock");
+    let d = Mxguard::start(&format!("milter: {{ listen: \"unix:{}\" }}", path.display())).await;
+    let mut conn = TestConnection::configure()
+        .read_timeout(Duration::from_secs(5))
+        .open_unix(&path)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    message(&mut conn, "198.51.100.1", &["a@example.org"]).await;
+    conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+    let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, Status::Accept);
+    assert!(actions.has_insert_header(0, "X-Mxguard", any()));
+    drop(d);
+}
