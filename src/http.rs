@@ -80,7 +80,9 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
             )
             .await
         }
-        ("GET" | "HEAD", "/healthz") => write(stream, "200 OK", "text/plain", "ok\n", head_only).await,
+        ("GET" | "HEAD", "/healthz") => {
+            write(stream, "200 OK", "text/plain", "ok\n", head_only).await
+        }
         ("GET" | "HEAD", _) => {
             write(
                 stream,

@@ -13,7 +13,10 @@ use std::{
 const BIN: &str = env!("CARGO_BIN_EXE_mxguard");
 
 fn mxguard(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap_or_else(|e| panic!("cannot run mxguard: {e}"))
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run mxguard: {e}"))
 }
 
 fn text(b: &[u8]) -> String {
@@ -28,7 +31,10 @@ fn version_and_help() {
     let out = mxguard(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    assert!(help.contains("run") && help.contains("check-config"), "{help}");
+    assert!(
+        help.contains("run") && help.contains("check-config"),
+        "{help}"
+    );
     let out = mxguard(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
@@ -38,7 +44,8 @@ fn check_config_prints_the_effective_configuration() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/mxguard.yaml");
     let out = mxguard(&["check-config", "-c", &example.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let printed = mxguard::config::Config::parse(&text(&out.stdout), "stdout").unwrap_or_else(|e| panic!("{e}"));
+    let printed = mxguard::config::Config::parse(&text(&out.stdout), "stdout")
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(printed, mxguard::config::Config::default());
     assert!(text(&out.stderr).contains("configuration OK"));
 }
@@ -47,18 +54,32 @@ fn check_config_prints_the_effective_configuration() {
 fn check_config_errors_name_file_line_and_column_and_exit_78() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, "milter:\n  listen: \"inet:127.0.0.1:8891\"\n  lisen: x\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        &path,
+        "milter:\n  listen: \"inet:127.0.0.1:8891\"\n  lisen: x\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let out = mxguard(&["check-config", "-c", &path.display().to_string()]);
     assert_eq!(out.status.code(), Some(78));
     let err = text(&out.stderr);
-    assert!(err.starts_with(&format!("mxguard: {}:3:3: milter: unknown field `lisen`", path.display())), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "mxguard: {}:3:3: milter: unknown field `lisen`",
+            path.display()
+        )),
+        "{err}"
+    );
 
     let out = mxguard(&["check-config", "-c", "/nonexistent/mxguard.yaml"]);
     assert_eq!(out.status.code(), Some(78));
     assert!(text(&out.stderr).contains("/nonexistent/mxguard.yaml: cannot read the configuration"));
 
     let out = mxguard(&["run", "-c", &path.display().to_string()]);
-    assert_eq!(out.status.code(), Some(78), "run refuses an invalid file too");
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "run refuses an invalid file too"
+    );
 }
 
 struct Daemon {
@@ -83,7 +104,11 @@ impl Daemon {
                 let _ = tx.send(line);
             }
         });
-        Daemon { child, log: rx, seen: Vec::new() }
+        Daemon {
+            child,
+            log: rx,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for a log line containing `needle`.
@@ -97,7 +122,10 @@ impl Daemon {
                 self.seen.push(l);
             }
         }
-        panic!("no log line with `{needle}`; seen:\n{}", self.seen.join("\n"));
+        panic!(
+            "no log line with `{needle}`; seen:\n{}",
+            self.seen.join("\n")
+        );
     }
 
     fn signal(&self, sig: i32) {
@@ -127,7 +155,8 @@ impl Drop for Daemon {
 
 fn policy_answer(port: u16, client: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap_or_else(|e| panic!("{e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{e}"));
     write!(s, "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nrecipient=a@example.org\n\n")
         .unwrap_or_else(|e| panic!("write: {e}"));
     let mut buf = [0u8; 512];
@@ -138,7 +167,10 @@ fn policy_answer(port: u16, client: &str) -> String {
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mxguard did not open port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "mxguard did not open port {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -161,7 +193,10 @@ fn sighup_reloads_and_sigterm_stops_cleanly() {
     let mut d = Daemon::start(&path);
     wait_for_port(policy);
     d.expect_log("mxguard started");
-    assert!(sock.exists(), "the milter socket (and its directory) are created");
+    assert!(
+        sock.exists(),
+        "the milter socket (and its directory) are created"
+    );
     assert_eq!(policy_answer(policy, "192.0.2.1"), "action=DUNNO\n\n");
 
     // A broken file: logged, and the running configuration stays.
@@ -171,13 +206,18 @@ fn sighup_reloads_and_sigterm_stops_cleanly() {
     assert_eq!(policy_answer(policy, "192.0.2.1"), "action=DUNNO\n\n");
 
     // A good one is put in force.
-    std::fs::write(&path, config(", reject_clients: [192.0.2.1]")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&path, config(", reject_clients: [192.0.2.1]"))
+        .unwrap_or_else(|e| panic!("{e}"));
     d.signal(libc::SIGHUP);
     d.expect_log("configuration reloaded");
     assert!(policy_answer(policy, "192.0.2.1").starts_with("action=REJECT 5.7.1 "));
 
     // A value that needs a restart is kept, with a warning.
-    std::fs::write(&path, config(", reject_clients: [192.0.2.1], max_connections: 5")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        &path,
+        config(", reject_clients: [192.0.2.1], max_connections: 5"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     d.signal(libc::SIGHUP);
     d.expect_log("new value for policy.max_connections not loaded: restart needed");
 
@@ -201,5 +241,8 @@ fn a_busy_port_is_a_clear_start_failure() {
     let out = mxguard(&["run", "-c", &path.display().to_string()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains(&format!("cannot listen on inet:127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on inet:127.0.0.1:{port}")),
+        "{err}"
+    );
 }

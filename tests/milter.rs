@@ -21,7 +21,9 @@ fn client(ip: &str) -> SocketAddr {
 
 fn rejected_with(status: &Status) -> String {
     match status {
-        Status::Reject { message: Some(m) } | Status::Tempfail { message: Some(m) } => m.to_string_lossy().into_owned(),
+        Status::Reject { message: Some(m) } | Status::Tempfail { message: Some(m) } => {
+            m.to_string_lossy().into_owned()
+        }
         other => panic!("expected a refusal with a message, got {other:?}"),
     }
 }
@@ -43,10 +45,22 @@ async fn negotiates_actions_and_macros() {
     }
     assert!(conn.negotiated_opts().contains(ProtoOpts::LEADING_SPACE));
     let macros = conn.requested_macros();
-    let connect = macros.get(&MacroStage::Connect).map(|m| m.to_string_lossy().into_owned()).unwrap_or_default();
-    assert!(connect.contains("{client_addr}") && connect.contains("{client_ptr}"), "{connect}");
-    let mail = macros.get(&MacroStage::Mail).map(|m| m.to_string_lossy().into_owned()).unwrap_or_default();
-    assert!(mail.contains('i') && mail.contains("{auth_authen}"), "{mail}");
+    let connect = macros
+        .get(&MacroStage::Connect)
+        .map(|m| m.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert!(
+        connect.contains("{client_addr}") && connect.contains("{client_ptr}"),
+        "{connect}"
+    );
+    let mail = macros
+        .get(&MacroStage::Mail)
+        .map(|m| m.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert!(
+        mail.contains('i') && mail.contains("{auth_authen}"),
+        "{mail}"
+    );
     assert!(macros.contains_key(&MacroStage::Eom));
 }
 
@@ -58,20 +72,45 @@ async fn refuses_an_mta_that_cannot_rewrite_recipients() {
         .available_actions(Actions::ADD_HEADER | Actions::CHANGE_HEADER)
         .open_tcp(d.milter_addr())
         .await;
-    assert!(result.is_err(), "negotiation must fail without the recipient actions");
+    assert!(
+        result.is_err(),
+        "negotiation must fail without the recipient actions"
+    );
 }
 
 /// One whole message through the callbacks; returns the end-of-message result.
 async fn message(conn: &mut TestConnection, ip: &str, rcpts: &[&str]) -> Vec<Status> {
     let mut statuses = Vec::new();
-    conn.macros(MacroStage::Connect, [("j", "mx.mxguard.test"), ("{client_ptr}", "mail.example.com")])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    statuses.push(conn.connect("mail.example.com", client(ip)).await.unwrap_or_else(|e| panic!("{e}")));
-    statuses.push(conn.helo("mail.example.com").await.unwrap_or_else(|e| panic!("{e}")));
-    statuses.push(conn.mail(["<bob@example.com>"]).await.unwrap_or_else(|e| panic!("{e}")));
+    conn.macros(
+        MacroStage::Connect,
+        [
+            ("j", "mx.mxguard.test"),
+            ("{client_ptr}", "mail.example.com"),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    statuses.push(
+        conn.connect("mail.example.com", client(ip))
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    statuses.push(
+        conn.helo("mail.example.com")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    statuses.push(
+        conn.mail(["<bob@example.com>"])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
     for r in rcpts {
-        statuses.push(conn.rcpt([format!("<{r}>")]).await.unwrap_or_else(|e| panic!("{e}")));
+        statuses.push(
+            conn.rcpt([format!("<{r}>")])
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
     }
     statuses
 }
@@ -81,22 +120,49 @@ async fn accepted_messages_get_the_trace_header() {
     let d = Mxguard::start("").await;
     let mut conn = open(&d).await;
     let statuses = message(&mut conn, "198.51.100.1", &["alice@example.org"]).await;
-    assert!(statuses.iter().all(|s| *s == Status::Continue), "{statuses:?}");
-    conn.macros(MacroStage::Data, [("i", "4XyZ1AbC")]).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(conn.data().await.unwrap_or_else(|e| panic!("{e}")), Status::Continue);
-    conn.header("From", " bob@example.com").await.unwrap_or_else(|e| panic!("{e}"));
-    conn.header("Subject", " hello").await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        statuses.iter().all(|s| *s == Status::Continue),
+        "{statuses:?}"
+    );
+    conn.macros(MacroStage::Data, [("i", "4XyZ1AbC")])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        conn.data().await.unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
+    conn.header("From", " bob@example.com")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.header("Subject", " hello")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     conn.body("Hi.\r\n").await.unwrap_or_else(|e| panic!("{e}"));
     let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, Status::Accept);
     let expected = format!(" mx.mxguard.test {}", mxguard::VERSION);
-    assert!(actions.has_insert_header(0, "X-Mxguard", expected.as_str()), "{actions:?}");
-    assert_eq!(d.metric(r#"mxguard_requests_total{frontend="milter",verdict="accept"}"#).await, 1.0);
-    assert_eq!(d.metric(r#"mxguard_sessions_in_flight{frontend="milter"}"#).await, 1.0);
+    assert!(
+        actions.has_insert_header(0, "X-Mxguard", expected.as_str()),
+        "{actions:?}"
+    );
+    assert_eq!(
+        d.metric(r#"mxguard_requests_total{frontend="milter",verdict="accept"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric(r#"mxguard_sessions_in_flight{frontend="milter"}"#)
+            .await,
+        1.0
+    );
     conn.close().await.unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(d.metric(r#"mxguard_sessions_in_flight{frontend="milter"}"#).await, 0.0);
+    assert_eq!(
+        d.metric(r#"mxguard_sessions_in_flight{frontend="milter"}"#)
+            .await,
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -108,7 +174,10 @@ async fn the_trace_header_can_be_turned_off() {
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, Status::Accept);
-    assert!(!actions.has_insert_header(any(), "X-Mxguard", any()), "{actions:?}");
+    assert!(
+        !actions.has_insert_header(any(), "X-Mxguard", any()),
+        "{actions:?}"
+    );
 }
 
 #[tokio::test]
@@ -122,7 +191,11 @@ async fn milter_only_sites_get_the_envelope_checks_at_rcpt() {
         "554 5.7.1 Your client address 192.0.2.10 is refused by this server's policy; \
          if you think this is a mistake, reach the recipient's postmaster another way"
     );
-    assert_eq!(d.metric(r#"mxguard_requests_total{frontend="milter",verdict="reject"}"#).await, 1.0);
+    assert_eq!(
+        d.metric(r#"mxguard_requests_total{frontend="milter",verdict="reject"}"#)
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -130,7 +203,10 @@ async fn with_the_policy_service_on_the_milter_leaves_envelope_checks_to_it() {
     let d = Mxguard::start("policy: { reject_clients: [192.0.2.0/24] }").await;
     let mut conn = open(&d).await;
     let statuses = message(&mut conn, "192.0.2.10", &["alice@example.org"]).await;
-    assert!(statuses.iter().all(|s| *s == Status::Continue), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == Status::Continue),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test]
@@ -139,8 +215,16 @@ async fn a_new_message_on_the_same_connection_starts_clean() {
     let mut conn = open(&d).await;
     message(&mut conn, "198.51.100.1", &["a@example.org"]).await;
     conn.abort().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(conn.mail(["<>"]).await.unwrap_or_else(|e| panic!("{e}")), Status::Continue);
-    assert_eq!(conn.rcpt(["<b@example.org>"]).await.unwrap_or_else(|e| panic!("{e}")), Status::Continue);
+    assert_eq!(
+        conn.mail(["<>"]).await.unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
+    assert_eq!(
+        conn.rcpt(["<b@example.org>"])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
     conn.data().await.unwrap_or_else(|e| panic!("{e}"));
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     let (_, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
@@ -157,9 +241,14 @@ async fn stop_lets_a_message_in_flight_finish() {
     let stopping = tokio::spawn(d.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // No new connections once stopping...
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the milter socket must be closed");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the milter socket must be closed"
+    );
     // ...but the message in flight completes.
-    conn.header("Subject", " late").await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("Subject", " late")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, Status::Accept);
@@ -172,7 +261,11 @@ async fn stop_lets_a_message_in_flight_finish() {
 async fn unix_socket_milter() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = dir.path().join("milter.sock");
-    let d = Mxguard::start(&format!("milter: {{ listen: \"unix:{}\" }}", path.display())).await;
+    let d = Mxguard::start(&format!(
+        "milter: {{ listen: \"unix:{}\" }}",
+        path.display()
+    ))
+    .await;
     let mut conn = TestConnection::configure()
         .read_timeout(Duration::from_secs(5))
         .open_unix(&path)

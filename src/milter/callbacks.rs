@@ -52,7 +52,11 @@ pub fn make_callbacks(
             Box::pin(async move { rcpt(cx, args, &metrics).await })
         })
         .on_data(|cx| Box::pin(async move { with_queue_id(cx) }))
+        // Headers and body are not examined yet; they are requested now so
+        // that the content checks slot in without changing the negotiation.
+        .on_header(|_, _, _| Box::pin(async { Status::Continue }))
         .on_eoh(|cx| Box::pin(async move { with_queue_id(cx) }))
+        .on_body(|_, _| Box::pin(async { Status::Continue }))
         .on_eom(move |cx| {
             let metrics = m_eom.clone();
             Box::pin(async move { eom(cx, &metrics).await })
@@ -62,7 +66,7 @@ pub fn make_callbacks(
 
 fn negotiate(
     cx: &mut NegotiateContext<Session>,
-    session: Session,
+    mut session: Session,
     actions: Actions,
     opts: ProtoOpts,
 ) -> Status {
@@ -77,6 +81,7 @@ fn negotiate(
     // Exact header bytes, for the DKIM verification that will need them.
     if opts.contains(ProtoOpts::LEADING_SPACE) {
         cx.requested_opts |= ProtoOpts::LEADING_SPACE;
+        session.set_leading_space(true);
     }
     let macros: [(MacroStage, &CStr); 5] = [
         (
@@ -188,12 +193,15 @@ async fn eom(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status {
     let started = Instant::now();
     let outcome = session.end_of_message();
     session.reset_message();
+    let session_leading_space = session.leading_space();
     for (name, value) in &outcome.insert_headers {
-        if let Err(e) = cx
-            .actions
-            .insert_header(0, name.as_str(), value.as_str())
-            .await
-        {
+        // With LEADING_SPACE negotiated the MTA adds no space after the colon.
+        let value = if session_leading_space {
+            format!(" {value}")
+        } else {
+            value.clone()
+        };
+        if let Err(e) = cx.actions.insert_header(0, name.as_str(), value).await {
             // Postfix would be left with a half-changed message: tempfail it.
             error!("milter: cannot add the {name} header: {e}; answering tempfail");
             metrics

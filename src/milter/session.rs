@@ -20,6 +20,8 @@ pub struct Session {
     /// daemon can wait for messages in flight.
     message: Option<InFlightGuard>,
     in_flight: super::InFlight,
+    /// Header values are exchanged with their leading space (exact bytes).
+    leading_space: bool,
     _counted: SessionGuard,
 }
 
@@ -39,8 +41,17 @@ impl Session {
             recipients: Vec::new(),
             message: None,
             in_flight,
+            leading_space: false,
             _counted: counted,
         }
+    }
+
+    pub fn set_leading_space(&mut self, on: bool) {
+        self.leading_space = on;
+    }
+
+    pub fn leading_space(&self) -> bool {
+        self.leading_space
     }
 
     pub fn engine(&self) -> &Engine {

@@ -32,7 +32,10 @@ static LOG: Once = Once::new();
 pub fn init_log() {
     LOG.call_once(|| {
         let filter = std::env::var("MXGUARD_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     });
 }
 
@@ -50,7 +53,8 @@ pub fn config_yaml(dir: &Path, extra: &str) -> String {
     );
     let mut value: serde_yaml::Value =
         serde_yaml::from_str(&base).unwrap_or_else(|e| panic!("base test config: {e}"));
-    let extra: serde_yaml::Value = serde_yaml::from_str(extra).unwrap_or_else(|e| panic!("test config: {e}"));
+    let extra: serde_yaml::Value =
+        serde_yaml::from_str(extra).unwrap_or_else(|e| panic!("test config: {e}"));
     merge(&mut value, extra);
     serde_yaml::to_string(&value).unwrap_or_else(|e| panic!("test config: {e}"))
 }
@@ -83,9 +87,16 @@ impl Mxguard {
         let config_path = dir.path().join("mxguard.yaml");
         std::fs::write(&config_path, config_yaml(dir.path(), extra))
             .unwrap_or_else(|e| panic!("cannot write the test config: {e}"));
-        let file = ConfigFile::load(&config_path).unwrap_or_else(|e| panic!("test config rejected: {e}"));
-        let listeners = Listeners::bind(&file.config).await.unwrap_or_else(|e| panic!("cannot bind: {e}"));
-        let (milter, policy, http) = (listeners.milter_addr(), listeners.policy_addr(), listeners.http_addr());
+        let file =
+            ConfigFile::load(&config_path).unwrap_or_else(|e| panic!("test config rejected: {e}"));
+        let listeners = Listeners::bind(&file.config)
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind: {e}"));
+        let (milter, policy, http) = (
+            listeners.milter_addr(),
+            listeners.policy_addr(),
+            listeners.http_addr(),
+        );
         let (reload_tx, reload_rx) = mpsc::channel(1);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(mxguard::run(listeners, file, reload_rx, async {
@@ -109,11 +120,17 @@ impl Mxguard {
 
     /// The milter socket as Postfix writes it (`inet:127.0.0.1:PORT`).
     pub fn milter_wiring(&self) -> String {
-        self.milter.as_ref().map(ToString::to_string).unwrap_or_else(|| panic!("milter is off"))
+        self.milter
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| panic!("milter is off"))
     }
 
     pub fn policy_wiring(&self) -> String {
-        self.policy.as_ref().map(ToString::to_string).unwrap_or_else(|| panic!("policy is off"))
+        self.policy
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| panic!("policy is off"))
     }
 
     pub fn policy_addr(&self) -> SocketAddr {
@@ -136,11 +153,15 @@ impl Mxguard {
     }
 
     pub fn write_config(&self, text: &str) {
-        std::fs::write(&self.config_path, text).unwrap_or_else(|e| panic!("cannot write the test config: {e}"));
+        std::fs::write(&self.config_path, text)
+            .unwrap_or_else(|e| panic!("cannot write the test config: {e}"));
     }
 
     pub async fn reload(&self) {
-        self.reload.send(()).await.unwrap_or_else(|e| panic!("daemon gone: {e}"));
+        self.reload
+            .send(())
+            .await
+            .unwrap_or_else(|e| panic!("daemon gone: {e}"));
         // The reload runs on the daemon's task; give it a moment.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -169,7 +190,10 @@ impl Mxguard {
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, body) = self.http_get("/metrics").await;
         body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 }
@@ -184,21 +208,28 @@ impl Drop for Mxguard {
 
 pub fn socket_addr(a: Option<&ListenAddr>) -> SocketAddr {
     match a {
-        Some(ListenAddr::Inet { host, port }) => {
-            format!("{host}:{port}").parse().unwrap_or_else(|e| panic!("{host}:{port}: {e}"))
-        }
+        Some(ListenAddr::Inet { host, port }) => format!("{host}:{port}")
+            .parse()
+            .unwrap_or_else(|e| panic!("{host}:{port}: {e}")),
         other => panic!("not an inet socket: {other:?}"),
     }
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("http connect {addr}: {e}"));
+    let mut s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("http connect {addr}: {e}"));
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
         .await
         .unwrap_or_else(|e| panic!("http write: {e}"));
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap_or_else(|e| panic!("http read: {e}"));
+    s.read_to_end(&mut buf)
+        .await
+        .unwrap_or_else(|e| panic!("http read: {e}"));
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
 }

@@ -26,8 +26,10 @@ pub struct Postfix {
     smtpd: SocketAddr,
 }
 
-fn contrib(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/postfix").join(name);
+pub fn contrib(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib/postfix")
+        .join(name);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
@@ -60,7 +62,8 @@ impl Postfix {
         // Postfix's daemons run as user postfix and must be able to search it.
         set_mode(&root, 0o755);
         for sub in ["etc", "queue", "data"] {
-            fs::create_dir_all(root.join(sub)).unwrap_or_else(|e| panic!("cannot create {sub}: {e}"));
+            fs::create_dir_all(root.join(sub))
+                .unwrap_or_else(|e| panic!("cannot create {sub}: {e}"));
             set_mode(&root.join(sub), 0o755);
         }
         chown_postfix(&root.join("data"));
@@ -79,15 +82,25 @@ impl Postfix {
         }
         let etc = root.join("etc");
         write_aged(&etc.join("main.cf"), &main_cf);
-        write_aged(&etc.join("master.cf"), &fill(contrib("throwaway-master.cf")));
+        write_aged(
+            &etc.join("master.cf"),
+            &fill(contrib("throwaway-master.cf")),
+        );
 
-        let pf = Postfix { dir, smtpd: SocketAddr::from(([127, 0, 0, 1], smtpd_port)) };
+        let pf = Postfix {
+            dir,
+            smtpd: SocketAddr::from(([127, 0, 0, 1], smtpd_port)),
+        };
         pf.postfix(&["check"]);
         pf.postfix(&["start"]);
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(pf.smtpd).is_err() {
             if Instant::now() > deadline {
-                panic!("Postfix did not open {} within 15 s; maillog:\n{}", pf.smtpd, pf.maillog());
+                panic!(
+                    "Postfix did not open {} within 15 s; maillog:\n{}",
+                    pf.smtpd,
+                    pf.maillog()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -154,7 +167,11 @@ impl Postfix {
 impl Drop for Postfix {
     fn drop(&mut self) {
         let pid = self.master_pid();
-        let _ = Command::new("/usr/sbin/postfix").arg("-c").arg(self.config_dir()).arg("stop").output();
+        let _ = Command::new("/usr/sbin/postfix")
+            .arg("-c")
+            .arg(self.config_dir())
+            .arg("stop")
+            .output();
         // `postfix stop` returns before master has gone; wait for it (its
         // children follow it), so the directory can be removed.
         if let Some(pid) = pid {
@@ -171,7 +188,7 @@ impl Drop for Postfix {
 
 /// The mxguard lines of contrib/postfix/main.cf, pointed at this test's
 /// sockets.
-fn wire(snippet: &str, wiring: &Wiring) -> String {
+pub fn wire(snippet: &str, wiring: &Wiring) -> String {
     const POLICY: &str = "inet:127.0.0.1:10040";
     const MILTER: &str = "unix:/run/mxguard/milter.sock";
     assert!(
@@ -192,7 +209,10 @@ fn wire(snippet: &str, wiring: &Wiring) -> String {
     }
     if wiring.policy.is_none() {
         // The restriction list lost its last entry: drop the dangling comma.
-        out = out.replace("reject_unauth_destination,\n", "reject_unauth_destination\n");
+        out = out.replace(
+            "reject_unauth_destination,\n",
+            "reject_unauth_destination\n",
+        );
     }
     out
 }
@@ -215,19 +235,9 @@ fn set_mode(path: &Path, mode: u32) {
 fn chown_postfix(path: &Path) {
     let status = Command::new("chown").arg("postfix").arg(path).status();
     if !matches!(status, Ok(s) if s.success()) {
-        panic!("cannot chown {} to user postfix: {status:?}", path.display());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wiring_without_policy_keeps_a_valid_list() {
-        let out = wire(&contrib("main.cf"), &Wiring { policy: None, milter: Some("inet:127.0.0.1:1".into()) });
-        assert!(!out.contains("check_policy_service"));
-        assert!(out.contains("    reject_unauth_destination\n"));
-        assert!(out.contains("smtpd_milters = inet:127.0.0.1:1"));
+        panic!(
+            "cannot chown {} to user postfix: {status:?}",
+            path.display()
+        );
     }
 }
