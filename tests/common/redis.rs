@@ -91,10 +91,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(reply) = self.command(&["PING"]) {
-                if reply == "+PONG\r\n" {
-                    return Ok(());
-                }
+            if self
+                .command(&["PING"])
+                .is_ok_and(|reply| reply == "+PONG\r\n")
+            {
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
