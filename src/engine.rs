@@ -9,6 +9,7 @@ use crate::{
     config::{Config, EnvelopeChecks, Mode},
     envelope::{Envelope, Stage, show},
     metrics::Metrics,
+    store::{FailurePolicy, Store},
     verdict::{Decision, Verdict},
 };
 use std::sync::{Arc, RwLock};
@@ -18,22 +19,33 @@ pub struct Engine {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
+    store: Store,
+    /// What checks do when the store fails (`store.on_error`).
+    store_failures: FailurePolicy,
     reject_clients: RejectClients,
     hostname: String,
 }
 
 impl Engine {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        store: Store,
+    ) -> Self {
         let reject_clients = RejectClients::new(&config.policy.reject_clients);
         let hostname = if config.hostname.is_empty() {
             system_hostname()
         } else {
             config.hostname.clone()
         };
+        let store_failures = FailurePolicy::from_config(&config.store);
         Self {
             config,
             metrics,
             clock,
+            store,
+            store_failures,
             reject_clients,
             hostname,
         }
@@ -49,6 +61,26 @@ impl Engine {
 
     pub fn clock(&self) -> &dyn Clock {
         self.clock.as_ref()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The fallback of `check` for a store failure, counted in
+    /// `mxguard_store_failures_total` and logged (at most once per
+    /// `store.warn_interval`).
+    pub fn store_failed(&self, check: &'static str, error: &crate::store::StoreError) -> Verdict {
+        let fallback = self.store_failures.handle(check, error);
+        let action = match fallback {
+            crate::store::Fallback::Tempfail(_) => "tempfail",
+            crate::store::Fallback::Skip => "continue",
+        };
+        self.metrics
+            .store_failures
+            .with_label_values(&[check, error.label(), action])
+            .inc();
+        fallback.into_verdict()
     }
 
     /// The name this host gives itself in added headers.
@@ -182,13 +214,18 @@ mod tests {
     use super::*;
     use crate::clock::SystemClock;
 
-    fn engine(yaml: &str) -> Result<Engine, Box<dyn std::error::Error>> {
-        let config = Arc::new(Config::parse(yaml, "test")?);
-        Ok(Engine::new(
-            config,
+    async fn engine(yaml: &str) -> Result<(Engine, tempfile::TempDir), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut config = Config::parse(yaml, "test")?;
+        config.store.path = dir.path().join("state.db");
+        let store = Store::open(&config.store, Arc::new(SystemClock)).await?;
+        let engine = Engine::new(
+            Arc::new(config),
             Arc::new(Metrics::new()?),
             Arc::new(SystemClock),
-        ))
+            store,
+        );
+        Ok((engine, dir))
     }
 
     fn from(ip: &str) -> Envelope {
@@ -201,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn enforce_mode_refuses_and_counts() -> Result<(), Box<dyn std::error::Error>> {
-        let e = engine("policy: { reject_clients: [192.0.2.0/24] }")?;
+        let (e, _dir) = engine("policy: { reject_clients: [192.0.2.0/24] }").await?;
         let d = e.envelope(Stage::Rcpt, &from("192.0.2.1")).await;
         assert!(matches!(d.verdict, Verdict::Reject(ref r) if r.code == 554));
         assert_eq!(d.check, "reject_clients");
@@ -217,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn report_mode_logs_but_continues() -> Result<(), Box<dyn std::error::Error>> {
-        let e = engine("mode: report\npolicy: { reject_clients: [192.0.2.0/24] }")?;
+        let (e, _dir) = engine("mode: report\npolicy: { reject_clients: [192.0.2.0/24] }").await?;
         let d = e.envelope(Stage::Rcpt, &from("192.0.2.1")).await;
         assert_eq!(d.verdict, Verdict::Continue);
         assert!(d.reported_only);
@@ -230,30 +267,52 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn envelope_checks_run_in_the_milter_only_without_policy()
+    #[tokio::test]
+    async fn envelope_checks_run_in_the_milter_only_without_policy()
     -> Result<(), Box<dyn std::error::Error>> {
-        assert!(!engine("")?.milter_runs_envelope_checks());
-        assert!(engine("policy: { listen: null }")?.milter_runs_envelope_checks());
-        assert!(engine("milter: { envelope_checks: on }")?.milter_runs_envelope_checks());
-        assert!(
-            !engine("policy: { listen: null }\nmilter: { envelope_checks: off }")?
-                .milter_runs_envelope_checks()
-        );
+        for (yaml, expected) in [
+            ("", false),
+            ("policy: { listen: null }", true),
+            ("milter: { envelope_checks: on }", true),
+            (
+                "policy: { listen: null }\nmilter: { envelope_checks: off }",
+                false,
+            ),
+        ] {
+            assert_eq!(
+                engine(yaml).await?.0.milter_runs_envelope_checks(),
+                expected,
+                "{yaml}"
+            );
+        }
         Ok(())
     }
 
-    #[test]
-    fn hostname_is_header_safe() -> Result<(), Box<dyn std::error::Error>> {
-        let h = engine("")?.hostname().to_owned();
+    #[tokio::test]
+    async fn hostname_is_header_safe() -> Result<(), Box<dyn std::error::Error>> {
+        let h = engine("").await?.0.hostname().to_owned();
         assert!(
             !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()),
             "{h:?}"
         );
         assert_eq!(
-            engine("hostname: mx1.example.org")?.hostname(),
+            engine("hostname: mx1.example.org").await?.0.hostname(),
             "mx1.example.org"
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn store_failures_follow_on_error() -> Result<(), Box<dyn std::error::Error>> {
+        let err = crate::store::StoreError::Timeout(std::time::Duration::from_secs(1));
+        let (e, _dir) = engine("").await?;
+        let v = e.store_failed("greylist", &err);
+        assert_eq!(v.reply().map(|r| (r.code, r.status)), Some((451, "4.3.0")));
+        let (e, _dir) = engine("store: { on_error: continue }").await?;
+        assert_eq!(e.store_failed("greylist", &err), Verdict::Continue);
+        assert!(e.metrics().render().contains(
+            r#"mxguard_store_failures_total{action="continue",check="greylist",error="timeout"} 1"#
+        ));
         Ok(())
     }
 }

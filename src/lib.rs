@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod milter;
 pub mod net;
 pub mod policy;
+pub mod store;
 pub mod verdict;
 
 use crate::{
@@ -99,6 +100,8 @@ impl Listeners {
 
 #[derive(Debug, Error)]
 pub enum RunError {
+    #[error("cannot open the state store: {0}")]
+    Store(#[from] store::StoreError),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("the milter front end failed: {0}")]
@@ -118,10 +121,13 @@ pub async fn run(
     shutdown: impl Future,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new()?);
+    let clock: Arc<dyn clock::Clock> = Arc::new(SystemClock);
+    let store = store::Store::open(&file.config.store, clock.clone()).await?;
     let current = Arc::new(CurrentEngine::new(Engine::new(
         Arc::new(file.config.clone()),
         metrics.clone(),
-        Arc::new(SystemClock),
+        clock.clone(),
+        store.clone(),
     )));
     let (stop_tx, stop_rx) = watch::channel(false);
     let in_flight = InFlight::new();
@@ -160,7 +166,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             msg = reload.recv(), if reload_open => match msg {
-                Some(()) => reload_config(&mut running, &current, &metrics),
+                Some(()) => reload_config(&mut running, &current, &metrics, &store, &clock),
                 None => reload_open = false,
             },
             // The milter's accept loop only ends on its own when it can no
@@ -213,6 +219,10 @@ pub async fn run(
     for t in [policy_task, http_task].into_iter().flatten() {
         t.abort();
     }
+    // The embedded store writes what it holds in memory.
+    if let Err(e) = store.close().await {
+        error!("closing the state store: {e}");
+    }
     info!("mxguard stopped");
     failure.map_or(Ok(()), Err)
 }
@@ -229,7 +239,13 @@ async fn finished<T>(
 
 /// Reads the configuration again and, if it loads, puts it in force. Values
 /// that only take effect at start are kept, with a warning.
-fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, metrics: &Arc<Metrics>) {
+fn reload_config(
+    running: &mut ConfigFile,
+    current: &CurrentEngine,
+    metrics: &Arc<Metrics>,
+    store: &store::Store,
+    clock: &Arc<dyn clock::Clock>,
+) {
     let mut fresh = match ConfigFile::load(&running.path) {
         Ok(f) => f,
         Err(e) => {
@@ -257,10 +273,13 @@ fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, metrics: &Ar
     keep!(policy.max_connections);
     keep!(http.listen);
     keep!(log.level);
+    // The open store stays; its options apply at the next start.
+    keep!(store);
     current.replace(Engine::new(
         Arc::new(new.clone()),
         metrics.clone(),
-        Arc::new(SystemClock),
+        clock.clone(),
+        store.clone(),
     ));
     metrics.reloads.with_label_values(&["ok"]).inc();
     info!(config = %fresh.path.display(), mode = %new.mode, "configuration reloaded");

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Configuration reloads, by result.
     pub reloads: IntCounterVec,
+    /// State store failures met by a check, by check, error and what was
+    /// done (`tempfail` or `continue`, from `store.on_error`).
+    pub store_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -72,6 +75,13 @@ impl Metrics {
             Opts::new("config_reloads_total", "Configuration reloads."),
             &["result"],
         )?;
+        let store_failures = IntCounterVec::new(
+            Opts::new(
+                "store_failures_total",
+                "State store failures met by checks.",
+            ),
+            &["check", "error", "action"],
+        )?;
         let build = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; labelled with the version."),
             &["version"],
@@ -84,6 +94,7 @@ impl Metrics {
             &protocol_errors,
             &connections_refused,
             &reloads,
+            &store_failures,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -107,6 +118,7 @@ impl Metrics {
             protocol_errors,
             connections_refused,
             reloads,
+            store_failures,
         })
     }
 

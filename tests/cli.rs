@@ -246,3 +246,30 @@ fn a_busy_port_is_a_clear_start_failure() {
         "{err}"
     );
 }
+
+#[test]
+fn a_state_store_that_cannot_be_opened_is_a_clear_start_failure() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("mxguard.yaml");
+    // A regular file where the store's directory should be: no one, root
+    // included, can create the store there.
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, "x").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        &path,
+        format!(
+            "milter: {{ listen: null }}\npolicy: {{ listen: \"inet:127.0.0.1:0\" }}\nhttp: {{ listen: null }}\n\
+             store: {{ path: \"{}/state.db\" }}\n",
+            blocker.display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = mxguard(&["run", "-c", &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot open the state store"), "{err}");
+    assert!(
+        err.contains("not-a-directory"),
+        "the error names the path: {err}"
+    );
+}

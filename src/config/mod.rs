@@ -5,16 +5,14 @@
 //! `etc/mxguard.yaml` shows each one with a comment and `mxguard.yaml(5)`
 //! documents it.
 
+mod store;
 mod values;
 
+pub use store::{OnError, StoreBackend, StoreConfig, redact_in, redact_url};
 pub use values::{Duration, IpNet, ListenAddr, Size};
 
 use serde::{Deserialize, Serialize};
-use std::{
-    collections::BTreeMap,
-    fmt, fs, io,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, fmt, fs, io, path::Path};
 use thiserror::Error;
 
 /// Where the daemon looks for its configuration when `-c` is not given.
@@ -155,30 +153,6 @@ impl Default for HttpConfig {
             }),
         }
     }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreConfig {
-    pub backend: StoreBackend,
-    /// The embedded store's file.
-    pub path: PathBuf,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            backend: StoreBackend::Embedded,
-            path: "/var/lib/mxguard/state.db".into(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreBackend {
-    #[default]
-    Embedded,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -404,6 +378,7 @@ impl Config {
                 self.hostname.escape_debug()
             ));
         }
+        self.store.validate()?;
         for ns in &self.dns.nameservers {
             parse_nameserver(ns).map_err(|e| format!("dns.nameservers: {e}"))?;
         }
