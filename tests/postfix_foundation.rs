@@ -7,52 +7,27 @@ use common::{
     daemon::Mxguard,
     postfix::{Postfix, Wiring},
     sink::Sink,
-    smtp::{self, Envelope},
+    smtp::{Reply, Transcript},
+    stack::{Stack, Wire},
 };
 use std::time::Duration;
 
 const REFUSED: &str = "Your client address 192.0.2.66 is refused by this server's policy; \
                        if you think this is a mistake, reach the recipient's postmaster another way";
 
-fn envelope<'a>(client: &'a str, to: &'a [&'a str]) -> Envelope<'a> {
-    Envelope {
-        client_addr: client,
-        client_name: "mail.example.com",
-        helo: "mail.example.com",
-        from: "bob@example.com",
-        to,
-    }
-}
-
-async fn sink() -> Sink {
-    Sink::start().await.unwrap_or_else(|e| panic!("sink: {e}"))
+/// The first refusal of a session, wherever it came.
+fn first_refusal(t: &Transcript) -> &Reply {
+    std::iter::once(&t.mail)
+        .chain(&t.rcpts)
+        .chain(&t.data)
+        .find(|r| r.code >= 400)
+        .unwrap_or_else(|| panic!("no refusal: {t:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_is_delivered_with_the_mxguard_header() {
-    let d = Mxguard::start("").await;
-    let sink = sink().await;
-    let pf = Postfix::start(
-        sink.addr().port(),
-        &Wiring {
-            policy: Some(d.policy_wiring()),
-            milter: Some(d.milter_wiring()),
-        },
-        &[],
-    );
-    let msg = smtp::message(
-        "bob@example.com",
-        "alice@example.org",
-        "hello",
-        "Hello Alice.\r\n",
-    );
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("198.51.100.20", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
+    let s = Stack::start("", Wire::Both).await;
+    let t = s.send("198.51.100.20", &["alice@example.org"]).await;
     assert_eq!(t.rcpts[0].code, 250, "{}", t.rcpts[0]);
     let data = t
         .data
@@ -60,16 +35,15 @@ async fn a_message_is_delivered_with_the_mxguard_header() {
         .unwrap_or_else(|| panic!("no DATA reply: {t:?}"));
     assert_eq!(data.code, 250, "{data}");
 
-    let delivered = sink.wait_for(1, Duration::from_secs(20)).await;
+    let delivered = s.sink.wait_for(1, Duration::from_secs(20)).await;
     let m = &delivered[0];
     assert_eq!(m.mail_from, "bob@example.com");
     assert_eq!(m.rcpt_to, ["alice@example.org"]);
-    assert_eq!(
-        m.header("X-Mxguard").as_deref(),
-        Some(format!("mx.mxguard.test {}", mxguard::VERSION).as_str())
-    );
+    let expected = format!("mx.mxguard.test {}", mxguard::VERSION);
+    assert_eq!(m.header("X-Mxguard").as_deref(), Some(expected.as_str()));
     assert_eq!(m.header("Subject").as_deref(), Some("hello"));
     // Postfix asked the policy service at RCPT and ran the milter.
+    let d = &s.mxguard;
     assert!(
         d.metric(r#"mxguard_requests_total{frontend="policy",verdict="continue"}"#)
             .await
@@ -84,24 +58,8 @@ async fn a_message_is_delivered_with_the_mxguard_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_client_is_refused_at_rcpt_through_the_policy_service() {
-    let d = Mxguard::start("policy: { reject_clients: [192.0.2.0/24] }").await;
-    let sink = sink().await;
-    let pf = Postfix::start(
-        sink.addr().port(),
-        &Wiring {
-            policy: Some(d.policy_wiring()),
-            milter: Some(d.milter_wiring()),
-        },
-        &[],
-    );
-    let msg = smtp::message("bob@example.com", "alice@example.org", "spam", "Buy.\r\n");
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("192.0.2.66", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
+    let s = Stack::start("policy: { reject_clients: [192.0.2.0/24] }", Wire::Both).await;
+    let t = s.send("192.0.2.66", &["alice@example.org"]).await;
     assert_eq!(t.mail.code, 250, "{}", t.mail);
     assert_eq!(t.rcpts[0].code, 554, "{}", t.rcpts[0]);
     assert_eq!(
@@ -110,18 +68,12 @@ async fn a_listed_client_is_refused_at_rcpt_through_the_policy_service() {
     );
     assert!(t.data.is_none());
     // A client not on the list, in the same Postfix, still gets through.
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("198.51.100.20", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
+    let t = s.send("198.51.100.20", &["alice@example.org"]).await;
     assert_eq!(t.rcpts[0].code, 250, "{}", t.rcpts[0]);
-    let delivered = sink.wait_for(1, Duration::from_secs(20)).await;
+    let delivered = s.sink.wait_for(1, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        sink.messages().len(),
+        s.sink.messages().len(),
         1,
         "only the unlisted client's message arrives: {delivered:?}"
     );
@@ -129,29 +81,17 @@ async fn a_listed_client_is_refused_at_rcpt_through_the_policy_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_client_is_refused_at_rcpt_by_a_milter_only_setup() {
-    let d = Mxguard::start("policy: { listen: null, reject_clients: [192.0.2.0/24] }").await;
-    let sink = sink().await;
-    let pf = Postfix::start(
-        sink.addr().port(),
-        &Wiring {
-            policy: None,
-            milter: Some(d.milter_wiring()),
-        },
-        &[],
-    );
-    let msg = smtp::message("bob@example.com", "alice@example.org", "spam", "Buy.\r\n");
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("192.0.2.66", &["alice@example.org"]),
-        &msg,
+    let s = Stack::start(
+        "policy: { listen: null, reject_clients: [192.0.2.0/24] }",
+        Wire::MilterOnly,
     )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
+    .await;
+    let t = s.send("192.0.2.66", &["alice@example.org"]).await;
     assert_eq!(t.rcpts[0].code, 554, "{}", t.rcpts[0]);
     assert_eq!(t.rcpts[0].text(), format!("5.7.1 {REFUSED}"));
     assert!(t.data.is_none());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(sink.messages().is_empty());
+    assert!(s.sink.messages().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +102,15 @@ async fn a_stopped_mxguard_means_a_temporary_failure_not_a_silent_accept() {
         milter: Some(d.milter_wiring()),
     };
     d.stop().await.unwrap_or_else(|e| panic!("stop: {e}"));
-    let sink = sink().await;
+    let sink = Sink::start().await.unwrap_or_else(|e| panic!("sink: {e}"));
+    let msg = common::smtp::message("bob@example.com", "alice@example.org", "hello", "Hi.\r\n");
+    let env = common::smtp::Envelope {
+        client_addr: "198.51.100.20",
+        client_name: "mail.example.com",
+        helo: "mail.example.com",
+        from: "bob@example.com",
+        to: &["alice@example.org"],
+    };
 
     // The milter alone (milter_default_action = tempfail).
     let pf = Postfix::start(
@@ -173,37 +121,20 @@ async fn a_stopped_mxguard_means_a_temporary_failure_not_a_silent_accept() {
         },
         &[],
     );
-    let msg = smtp::message("bob@example.com", "alice@example.org", "hello", "Hi.\r\n");
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("198.51.100.20", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
-    let refusal = std::iter::once(&t.mail)
-        .chain(&t.rcpts)
-        .chain(&t.data)
-        .find(|r| r.code >= 400);
-    let refusal = refusal.unwrap_or_else(|| panic!("no refusal: {t:?}"));
+    let t = common::smtp::send(pf.smtpd_addr(), &env, &msg)
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let refusal = first_refusal(&t);
     assert_eq!(refusal.code, 451, "{refusal}");
     assert!(refusal.text().starts_with("4.7.1 "), "{refusal}");
     drop(pf);
 
     // Both (the policy service's default_action = DEFER_IF_PERMIT).
     let pf = Postfix::start(sink.addr().port(), &wiring, &[]);
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("198.51.100.20", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
-    let refusal = std::iter::once(&t.mail)
-        .chain(&t.rcpts)
-        .chain(&t.data)
-        .find(|r| r.code >= 400);
-    let refusal = refusal.unwrap_or_else(|| panic!("no refusal: {t:?}"));
+    let t = common::smtp::send(pf.smtpd_addr(), &env, &msg)
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let refusal = first_refusal(&t);
     assert!((400..500).contains(&refusal.code), "{refusal}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
@@ -215,43 +146,21 @@ async fn a_stopped_mxguard_means_a_temporary_failure_not_a_silent_accept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_policy_input_does_not_harm_postfix_traffic() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let d = Mxguard::start("policy: { reject_clients: [192.0.2.0/24] }").await;
-    let sink = sink().await;
-    let pf = Postfix::start(
-        sink.addr().port(),
-        &Wiring {
-            policy: Some(d.policy_wiring()),
-            milter: Some(d.milter_wiring()),
-        },
-        &[],
-    );
+    let s = Stack::start("policy: { reject_clients: [192.0.2.0/24] }", Wire::Both).await;
     for junk in [
         format!("x={}\n", "y".repeat(100_000)).into_bytes(),
         b"\xff\xfe\x00\n\n".to_vec(),
     ] {
-        let mut s = tokio::net::TcpStream::connect(d.policy_addr())
+        let mut c = tokio::net::TcpStream::connect(s.mxguard.policy_addr())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let _ = s.write_all(&junk).await;
+        let _ = c.write_all(&junk).await;
         let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
     }
-    let msg = smtp::message("bob@example.com", "alice@example.org", "hello", "Hi.\r\n");
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("192.0.2.66", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
+    let t = s.send("192.0.2.66", &["alice@example.org"]).await;
     assert_eq!(t.rcpts[0].code, 554, "{}", t.rcpts[0]);
-    let t = smtp::send(
-        pf.smtpd_addr(),
-        &envelope("198.51.100.20", &["alice@example.org"]),
-        &msg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("send: {e}"));
+    let t = s.send("198.51.100.20", &["alice@example.org"]).await;
     assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
-    sink.wait_for(1, Duration::from_secs(20)).await;
+    s.sink.wait_for(1, Duration::from_secs(20)).await;
 }

@@ -9,3 +9,4 @@ pub mod postfix;
 pub mod redis;
 pub mod sink;
 pub mod smtp;
+pub mod stack;
