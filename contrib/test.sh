@@ -28,6 +28,6 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-cargo test --locked --all-targets
+cargo test --locked --lib --bins --tests
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
