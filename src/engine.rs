@@ -4,7 +4,10 @@
 //! was current when their request or session began.
 
 use crate::{
-    checks::clients::{self, RejectClients},
+    checks::{
+        clients::{self, RejectClients},
+        greylist,
+    },
     clock::Clock,
     config::{Config, EnvelopeChecks, Mode},
     envelope::{Envelope, Stage, show},
@@ -99,22 +102,57 @@ impl Engine {
 
     /// The envelope checks for one stage of a transaction.
     pub async fn envelope(&self, stage: Stage, env: &Envelope) -> Decision {
-        let found = self
-            .reject_clients
-            .check(env)
-            .map(|(verdict, reason)| (clients::NAME, verdict, reason));
-        let Some((check, verdict, reason)) = found else {
-            debug!(
-                queue_id = show(&env.queue_id),
-                client = %display_ip(env),
-                sender = show(&env.sender),
-                recipient = show(&env.recipient),
-                %stage,
-                "envelope checks passed"
-            );
-            return Decision::pass();
-        };
-        self.decide(stage, env, check, verdict, reason)
+        if let Some((verdict, reason)) = self.reject_clients.check(env) {
+            return self.decide(stage, env, clients::NAME, verdict, reason);
+        }
+        // Greylisting is decided per recipient, where Postfix can defer it.
+        if stage == Stage::Rcpt && self.config.greylist.enabled {
+            let now = self.clock.now();
+            // Boxed: the store's future types nest deep enough to overflow
+            // the compiler's layout queries for the front ends' tasks.
+            let checked = Box::pin(greylist::check(
+                &self.config.greylist,
+                env,
+                now,
+                &self.store,
+            ))
+            .await;
+            match checked {
+                Ok(Some((verdict, reason))) => {
+                    return self.decide(stage, env, greylist::NAME, verdict, reason);
+                }
+                Ok(None) => self.passed(greylist::NAME),
+                Err(e) => {
+                    let verdict = self.store_failed(greylist::NAME, &e);
+                    if verdict.is_final() {
+                        return self.decide(
+                            stage,
+                            env,
+                            greylist::NAME,
+                            verdict,
+                            format!("state store: {e}"),
+                        );
+                    }
+                }
+            }
+        }
+        debug!(
+            queue_id = show(&env.queue_id),
+            client = %display_ip(env),
+            sender = show(&env.sender),
+            recipient = show(&env.recipient),
+            %stage,
+            "envelope checks passed"
+        );
+        Decision::pass()
+    }
+
+    /// Counts a check that let the request through.
+    fn passed(&self, check: &'static str) {
+        self.metrics
+            .check_decisions
+            .with_label_values(&[check, "continue", "enforce"])
+            .inc();
     }
 
     /// Applies the mode, counts and logs one check's verdict.

@@ -183,7 +183,8 @@ fn sighup_reloads_and_sigterm_stops_cleanly() {
     let config = |extra: &str| {
         format!(
             "milter: {{ listen: \"unix:{}\" }}\npolicy: {{ listen: \"inet:127.0.0.1:{policy}\"{extra} }}\n\
-             http: {{ listen: \"127.0.0.1:{http}\" }}\nstore: {{ path: \"{}/state.db\" }}\n",
+             http: {{ listen: \"127.0.0.1:{http}\" }}\nstore: {{ path: \"{}/state.db\" }}\n\
+             greylist: {{ enabled: false }}\n",
             sock.display(),
             dir.path().display()
         )

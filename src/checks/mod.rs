@@ -3,3 +3,4 @@
 //! verdict; none of them touches a socket.
 
 pub mod clients;
+pub mod greylist;

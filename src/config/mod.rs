@@ -37,7 +37,7 @@ pub struct Config {
     pub local_domains: Vec<String>,
     pub domains: BTreeMap<String, DomainConfig>,
     pub srs: Section,
-    pub greylist: Section,
+    pub greylist: GreylistConfig,
     pub allowlist: Section,
     pub denylist: Section,
     pub ratelimit: Section,
@@ -155,6 +155,42 @@ impl Default for HttpConfig {
     }
 }
 
+/// Greylisting: a sender seen for the first time is asked to come back
+/// after `delay`; one that does is let through for the rest of `lifetime`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GreylistConfig {
+    pub enabled: bool,
+    /// How long a new sender must wait before its retry is accepted.
+    pub delay: Duration,
+    /// How long a sender is remembered from its first sighting.
+    pub lifetime: Duration,
+    /// What identifies a sender.
+    pub key: GreylistKey,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            delay: Duration::from_secs(300),
+            lifetime: Duration::from_secs(30 * 86_400),
+            key: GreylistKey::Client,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GreylistKey {
+    /// The root domain of the client's verified (forward-confirmed) name,
+    /// else its address: every host of one organisation shares a timer.
+    #[default]
+    Client,
+    /// The client address only (IPv6 by its /64).
+    Ip,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DnsConfig {
@@ -266,7 +302,7 @@ impl Default for Config {
             local_domains: Vec::new(),
             domains: BTreeMap::new(),
             srs: Section::default(),
-            greylist: Section::default(),
+            greylist: GreylistConfig::default(),
             allowlist: Section::default(),
             denylist: Section::default(),
             ratelimit: Section::default(),
@@ -379,6 +415,12 @@ impl Config {
             ));
         }
         self.store.validate()?;
+        if self.greylist.lifetime <= self.greylist.delay {
+            return Err(format!(
+                "greylist.lifetime ({}) must be longer than greylist.delay ({}), or no retry could ever pass",
+                self.greylist.lifetime, self.greylist.delay
+            ));
+        }
         for ns in &self.dns.nameservers {
             parse_nameserver(ns).map_err(|e| format!("dns.nameservers: {e}"))?;
         }
@@ -463,9 +505,9 @@ mod tests {
             e.starts_with("t.yaml:3:3: milter: unknown field `lisen`, expected one of"),
             "{e}"
         );
-        let e = err("greylist: { enabled: true }\n");
+        let e = err("srs: { enabled: true }\n");
         assert!(
-            e.starts_with("t.yaml:1:13: greylist: unknown field `enabled`"),
+            e.starts_with("t.yaml:1:8: srs: unknown field `enabled`"),
             "{e}"
         );
     }

@@ -48,6 +48,7 @@ pub fn config_yaml(dir: &Path, extra: &str) -> String {
          http: {{ listen: \"127.0.0.1:0\" }}\n\
          store: {{ path: \"{}/state.db\" }}\n\
          hostname: mx.mxguard.test\n\
+         greylist: {{ enabled: false }}\n\
          shutdown_timeout: 5s\n",
         dir.display()
     );
