@@ -73,8 +73,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // Colours only on a terminal: journald and log files get plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(ansi)
                 .with_writer(std::io::stderr)
                 .init();
             let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -93,7 +93,6 @@ impl Daemon {
         let mut child = Command::new(BIN)
             .args(["run", "-c", &config.display().to_string()])
             .env("MXGUARD_LOG", "info")
-            .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start mxguard: {e}"));
@@ -273,4 +272,23 @@ fn a_state_store_that_cannot_be_opened_is_a_clear_start_failure() {
         err.contains("not-a-directory"),
         "the error names the path: {err}"
     );
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let port = common::ports::free_port();
+    let path = dir.path().join("mxguard.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "milter: {{ listen: null }}\npolicy: {{ listen: \"inet:127.0.0.1:{port}\" }}\nhttp: {{ listen: null }}\n\
+             store: {{ path: \"{}/state.db\" }}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut d = Daemon::start(&path);
+    d.expect_log("mxguard started");
+    assert!(d.seen.iter().all(|l| !l.contains('\u{1b}')), "{:?}", d.seen);
 }
