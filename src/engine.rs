@@ -276,7 +276,9 @@ mod tests {
 
     #[tokio::test]
     async fn enforce_mode_refuses_and_counts() -> Result<(), Box<dyn std::error::Error>> {
-        let (e, _dir) = engine("policy: { reject_clients: [192.0.2.0/24] }").await?;
+        let (e, _dir) =
+            engine("policy: { reject_clients: [192.0.2.0/24] }\ngreylist: { enabled: false }")
+                .await?;
         let d = e.envelope(Stage::Rcpt, &from("192.0.2.1")).await;
         assert!(matches!(d.verdict, Verdict::Reject(ref r) if r.code == 554));
         assert_eq!(d.check, "reject_clients");
