@@ -29,7 +29,7 @@ pub use policy::{FailurePolicy, Fallback};
 
 use crate::{clock::Clock, config::StoreBackend, config::StoreConfig};
 use ring::{hmac, rand::SecureRandom};
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 use thiserror::Error;
 use tokio::sync::OnceCell;
 
@@ -77,6 +77,121 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The atomic operations of a state store backend, on keys already
+/// rendered (hashed where needed). Both backends implement it; [`Store`],
+/// the handle the checks hold, renders keys and hands each operation to the
+/// configured backend through it. Every operation is cancellation-safe.
+pub trait StoreOps: Send + Sync {
+    /// The value under `key`, if it exists and has not expired.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
+    /// Stores `value` for `ttl`, replacing any value and expiry.
+    fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Stores `value` only if `key` does not exist; true if stored. `None`:
+    /// no expiry (the store's own bookkeeping only).
+    fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    /// Adds `by` to the integer under `key`; a new key starts at 0 and
+    /// expires after `ttl_on_create`, an existing one keeps its expiry.
+    fn incr(
+        &self,
+        key: &str,
+        by: i64,
+        ttl_on_create: Duration,
+    ) -> impl Future<Output = Result<i64>> + Send;
+    /// Removes `key`; true if it existed.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// The time `key` has left to live; `None` if it does not exist.
+    fn ttl(&self, key: &str) -> impl Future<Output = Result<Option<Duration>>> + Send;
+    /// Makes what is held in memory durable now.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Drops expired keys now; returns how many.
+    fn purge_expired(&self) -> impl Future<Output = Result<usize>> + Send;
+    /// Stops background work and releases the file or connections.
+    fn close(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+impl StoreOps for embedded::Embedded {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        embedded::Embedded::get(self, key)
+    }
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        embedded::Embedded::set(self, key, value, Some(ttl))
+    }
+    async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<bool> {
+        embedded::Embedded::set_if_absent(self, key, value, ttl)
+    }
+    async fn incr(&self, key: &str, by: i64, ttl_on_create: Duration) -> Result<i64> {
+        embedded::Embedded::incr(self, key, by, ttl_on_create)
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        embedded::Embedded::delete(self, key)
+    }
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        embedded::Embedded::ttl(self, key)
+    }
+    async fn flush(&self) -> Result<()> {
+        embedded::Embedded::flush(self).await
+    }
+    async fn purge_expired(&self) -> Result<usize> {
+        embedded::Embedded::purge(self).await
+    }
+    async fn close(&self) -> Result<()> {
+        embedded::Embedded::close(self).await
+    }
+}
+
+impl StoreOps for redis::RedisStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        redis::RedisStore::get(self, key).await
+    }
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        redis::RedisStore::set(self, key, value, ttl).await
+    }
+    async fn set_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<bool> {
+        redis::RedisStore::set_if_absent(self, key, value, ttl).await
+    }
+    async fn incr(&self, key: &str, by: i64, ttl_on_create: Duration) -> Result<i64> {
+        redis::RedisStore::incr(self, key, by, ttl_on_create).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        redis::RedisStore::delete(self, key).await
+    }
+    async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        redis::RedisStore::ttl(self, key).await
+    }
+    /// Redis persists on its own terms (see its `appendonly`).
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Redis expires keys itself.
+    async fn purge_expired(&self) -> Result<usize> {
+        Ok(0)
+    }
+    async fn close(&self) -> Result<()> {
+        redis::RedisStore::close(self);
+        Ok(())
+    }
+}
+
+/// Hands an operation to the configured backend, through [`StoreOps`].
+macro_rules! dispatch {
+    ($backend:expr, $op:ident ( $($arg:expr),* )) => {
+        match $backend {
+            Backend::Embedded(b) => StoreOps::$op(b, $($arg),*).await,
+            Backend::Redis(b) => StoreOps::$op(b, $($arg),*).await,
+        }
+    };
+}
 
 /// The state store. Clones share one backend.
 #[derive(Clone)]
@@ -156,19 +271,13 @@ impl Store {
     /// The value under `key`, if it exists and has not expired.
     pub async fn get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
         let k = self.render(key).await?;
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.get(&k),
-            Backend::Redis(r) => r.get(&k).await,
-        }
+        dispatch!(&self.inner.backend, get(&k))
     }
 
     /// Stores `value` under `key` for `ttl`, replacing any value and expiry.
     pub async fn set(&self, key: &Key, value: &[u8], ttl: Duration) -> Result<()> {
         let k = self.render(key).await?;
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.set(&k, value, Some(ttl)),
-            Backend::Redis(r) => r.set(&k, value, ttl).await,
-        }
+        dispatch!(&self.inner.backend, set(&k, value, ttl))
     }
 
     /// Stores `value` under `key` for `ttl` only if the key does not exist;
@@ -184,19 +293,13 @@ impl Store {
     /// Counters are stored as decimal text, so [`Store::get`] reads `b"42"`.
     pub async fn incr(&self, key: &Key, by: i64, ttl_on_create: Duration) -> Result<i64> {
         let k = self.render(key).await?;
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.incr(&k, by, ttl_on_create),
-            Backend::Redis(r) => r.incr(&k, by, ttl_on_create).await,
-        }
+        dispatch!(&self.inner.backend, incr(&k, by, ttl_on_create))
     }
 
     /// Removes `key`; true if it existed (and had not expired).
     pub async fn delete(&self, key: &Key) -> Result<bool> {
         let k = self.render(key).await?;
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.delete(&k),
-            Backend::Redis(r) => r.delete(&k).await,
-        }
+        dispatch!(&self.inner.backend, delete(&k))
     }
 
     /// The time `key` has left to live; `None` if it does not exist. Only the
@@ -204,29 +307,20 @@ impl Store {
     /// `Duration::MAX`.
     pub async fn ttl(&self, key: &Key) -> Result<Option<Duration>> {
         let k = self.render(key).await?;
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.ttl(&k),
-            Backend::Redis(r) => r.ttl(&k).await,
-        }
+        dispatch!(&self.inner.backend, ttl(&k))
     }
 
     /// Writes the embedded store's changes to disk now (it does so on its
     /// own every `flush_interval`); nothing to do for Redis.
     pub async fn flush(&self) -> Result<()> {
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.flush().await,
-            Backend::Redis(_) => Ok(()),
-        }
+        dispatch!(&self.inner.backend, flush())
     }
 
     /// Drops the embedded store's expired keys now (it does so on its own
     /// every `purge_interval`) and returns how many; Redis expires keys
     /// itself.
     pub async fn purge_expired(&self) -> Result<usize> {
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.purge().await,
-            Backend::Redis(_) => Ok(0),
-        }
+        dispatch!(&self.inner.backend, purge_expired())
     }
 
     /// Stops the background tasks, writes the last changes and releases the
@@ -234,13 +328,7 @@ impl Store {
     /// [`StoreError::Closed`]. Call it on shutdown: without it, the embedded
     /// store loses the writes since its last flush.
     pub async fn close(&self) -> Result<()> {
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.close().await,
-            Backend::Redis(r) => {
-                r.close();
-                Ok(())
-            }
-        }
+        dispatch!(&self.inner.backend, close())
     }
 
     /// The key as the backend stores it (without the Redis prefix): for
@@ -303,10 +391,7 @@ impl Store {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<bool> {
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.set_if_absent(k, value, ttl),
-            Backend::Redis(r) => r.set_if_absent(k, value, ttl).await,
-        }
+        dispatch!(&self.inner.backend, set_if_absent(k, value, ttl))
     }
 }
 
