@@ -5,8 +5,9 @@
 
 use crate::{
     checks::{
+        allowlist::{self, Allowlist},
         clients::{self, RejectClients},
-        greylist,
+        greylist, ratelimit,
     },
     clock::Clock,
     config::{Config, EnvelopeChecks, Mode},
@@ -26,6 +27,7 @@ pub struct Engine {
     /// What checks do when the store fails (`store.on_error`).
     store_failures: FailurePolicy,
     reject_clients: RejectClients,
+    allowlist: Allowlist,
     hostname: String,
 }
 
@@ -37,6 +39,7 @@ impl Engine {
         store: Store,
     ) -> Self {
         let reject_clients = RejectClients::new(&config.policy.reject_clients);
+        let allowlist = Allowlist::new(&config.allowlist.entries, &config.local_domains);
         let hostname = if config.hostname.is_empty() {
             system_hostname()
         } else {
@@ -50,6 +53,7 @@ impl Engine {
             store,
             store_failures,
             reject_clients,
+            allowlist,
             hostname,
         }
     }
@@ -100,39 +104,85 @@ impl Engine {
         }
     }
 
-    /// The envelope checks for one stage of a transaction.
+    /// The envelope checks for one stage of a transaction, in order:
+    /// reject_clients, then at RCPT the allowlist, the recipient limit,
+    /// greylisting and the rate limit (the last two skipped for allowlisted
+    /// clients). A check in report mode is logged and counted, and the
+    /// checks after it still run.
     pub async fn envelope(&self, stage: Stage, env: &Envelope) -> Decision {
-        if let Some((verdict, reason)) = self.reject_clients.check(env) {
-            return self.decide(stage, env, clients::NAME, verdict, reason);
+        // The first decision report mode kept from being enforced, returned
+        // when nothing else stops the request.
+        let mut reported = None;
+        let mut keep = |d: Decision| {
+            if d.verdict.is_final() {
+                return Some(d);
+            }
+            if d.reported_only && reported.is_none() {
+                reported = Some(d);
+            }
+            None
+        };
+        if let Some((verdict, reason)) = self.reject_clients.check(env)
+            && let Some(d) = keep(self.decide(stage, env, clients::NAME, verdict, reason, None))
+        {
+            return d;
         }
-        // Greylisting is decided per recipient, where Postfix can defer it.
-        if stage == Stage::Rcpt && self.config.greylist.enabled {
-            let now = self.clock.now();
-            // Boxed: the store's future types nest deep enough to overflow
-            // the compiler's layout queries for the front ends' tasks.
-            let checked = Box::pin(greylist::check(
-                &self.config.greylist,
-                env,
-                now,
-                &self.store,
-            ))
-            .await;
-            match checked {
-                Ok(Some((verdict, reason))) => {
-                    return self.decide(stage, env, greylist::NAME, verdict, reason);
+        if stage == Stage::Rcpt {
+            let allowed = self.allowlist.matches(env).map(ToString::to_string);
+            if let Some(entry) = &allowed {
+                self.metrics
+                    .check_decisions
+                    .with_label_values(&[allowlist::NAME, "accept", "enforce"])
+                    .inc();
+                info!(
+                    queue_id = show(&env.queue_id),
+                    client = %display_ip(env),
+                    sender = show(&env.sender),
+                    recipient = show(&env.recipient),
+                    %stage,
+                    check = allowlist::NAME,
+                    verdict = "accept",
+                    "allowlisted by {entry}: greylisting and rate limits skipped"
+                );
+            }
+            let limits = &self.config.ratelimit;
+            if let Some((verdict, reason)) = ratelimit::recipients(limits, env) {
+                let d = self.decide(
+                    stage,
+                    env,
+                    ratelimit::RECIPIENTS,
+                    verdict,
+                    reason,
+                    limits.mode,
+                );
+                if let Some(d) = keep(d) {
+                    return d;
                 }
-                Ok(None) => self.passed(greylist::NAME),
-                Err(e) => {
-                    let verdict = self.store_failed(greylist::NAME, &e);
-                    if verdict.is_final() {
-                        return self.decide(
-                            stage,
-                            env,
-                            greylist::NAME,
-                            verdict,
-                            format!("state store: {e}"),
-                        );
-                    }
+            }
+            if allowed.is_none() && self.config.greylist.enabled {
+                let now = self.clock.now();
+                // Boxed: the store's future types nest deep enough to overflow
+                // the compiler's layout queries for the front ends' tasks.
+                let checked = Box::pin(greylist::check(
+                    &self.config.greylist,
+                    env,
+                    now,
+                    &self.store,
+                ))
+                .await;
+                let mode = self.config.greylist.mode;
+                if let Some(d) = self.store_check(stage, env, greylist::NAME, checked, mode)
+                    && let Some(d) = keep(d)
+                {
+                    return d;
+                }
+            }
+            if allowed.is_none() {
+                let checked = Box::pin(ratelimit::check(limits, env, &self.store)).await;
+                if let Some(d) = self.store_check(stage, env, ratelimit::NAME, checked, limits.mode)
+                    && let Some(d) = keep(d)
+                {
+                    return d;
                 }
             }
         }
@@ -144,7 +194,34 @@ impl Engine {
             %stage,
             "envelope checks passed"
         );
-        Decision::pass()
+        reported.unwrap_or_else(Decision::pass)
+    }
+
+    /// The decision of a check that used the store, if it objected (enforced
+    /// or only reported); a store failure follows `store.on_error`.
+    fn store_check(
+        &self,
+        stage: Stage,
+        env: &Envelope,
+        check: &'static str,
+        result: Result<Option<(Verdict, String)>, crate::store::StoreError>,
+        mode: Option<Mode>,
+    ) -> Option<Decision> {
+        let (verdict, reason) = match result {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                self.passed(check);
+                return None;
+            }
+            Err(e) => {
+                let verdict = self.store_failed(check, &e);
+                if !verdict.is_final() {
+                    return None;
+                }
+                (verdict, format!("state store: {e}"))
+            }
+        };
+        Some(self.decide(stage, env, check, verdict, reason, mode))
     }
 
     /// Counts a check that let the request through.
@@ -163,8 +240,10 @@ impl Engine {
         check: &'static str,
         verdict: Verdict,
         reason: String,
+        mode: Option<Mode>,
     ) -> Decision {
-        let reported_only = self.config.mode == Mode::Report && verdict.is_final();
+        let mode_in_force = mode.unwrap_or(self.config.mode);
+        let reported_only = mode_in_force == Mode::Report && verdict.is_final();
         let mode = if reported_only { "report" } else { "enforce" };
         self.metrics
             .check_decisions

@@ -2,5 +2,7 @@
 //! (and, where it needs them, the clock, store and resolver) and returns a
 //! verdict; none of them touches a socket.
 
+pub mod allowlist;
 pub mod clients;
 pub mod greylist;
+pub mod ratelimit;

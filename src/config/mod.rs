@@ -38,9 +38,9 @@ pub struct Config {
     pub domains: BTreeMap<String, DomainConfig>,
     pub srs: Section,
     pub greylist: GreylistConfig,
-    pub allowlist: Section,
+    pub allowlist: AllowlistConfig,
     pub denylist: Section,
-    pub ratelimit: Section,
+    pub ratelimit: RatelimitConfig,
     pub backscatter: Section,
     pub auth: Section,
     pub arc: Section,
@@ -167,6 +167,8 @@ pub struct GreylistConfig {
     pub lifetime: Duration,
     /// What identifies a sender.
     pub key: GreylistKey,
+    /// `enforce` or `report` for this check alone; `null`: the global `mode`.
+    pub mode: Option<Mode>,
 }
 
 impl Default for GreylistConfig {
@@ -176,6 +178,98 @@ impl Default for GreylistConfig {
             delay: Duration::from_secs(300),
             lifetime: Duration::from_secs(30 * 86_400),
             key: GreylistKey::Client,
+            mode: None,
+        }
+    }
+}
+
+/// Clients that skip greylisting and rate limits.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllowlistConfig {
+    /// IP addresses, CIDR blocks, domains and top-level domains. A domain
+    /// matches a client only through its verified (forward-confirmed) name.
+    pub entries: Vec<AllowEntry>,
+}
+
+/// One allowlist entry: a network, or a domain (a top-level domain such as
+/// `edu` allowlists every name under it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowEntry {
+    Net(IpNet),
+    Domain(String),
+}
+
+impl std::str::FromStr for AllowEntry {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if let Ok(net) = t.parse::<IpNet>() {
+            return Ok(AllowEntry::Net(net));
+        }
+        let d = t
+            .trim_start_matches('.')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if d.is_empty() || d.len() > 253 || !d.split('.').all(label_ok) || d.contains('/') {
+            return Err(format!(
+                "invalid allowlist entry `{s}`: expected an IP address, a CIDR block or a domain such as example.org"
+            ));
+        }
+        Ok(AllowEntry::Domain(d))
+    }
+}
+
+impl fmt::Display for AllowEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowEntry::Net(n) => n.fmt(f),
+            AllowEntry::Domain(d) => f.write_str(d),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for AllowEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Limits on how much one client may send.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RatelimitConfig {
+    /// Most recipients in one message; the next one gets 452 4.5.3.
+    pub max_recipients: u32,
+    /// Most messages from one client (root domain of its verified name, else
+    /// its address) to one recipient per `window`; 0 turns it off.
+    pub messages_per_recipient: u64,
+    pub window: Duration,
+    /// `enforce` or `report` for these limits alone; `null`: the global `mode`.
+    pub mode: Option<Mode>,
+}
+
+impl Default for RatelimitConfig {
+    fn default() -> Self {
+        Self {
+            max_recipients: 50,
+            messages_per_recipient: 100,
+            window: Duration::from_secs(3600),
+            mode: None,
         }
     }
 }
@@ -303,9 +397,9 @@ impl Default for Config {
             domains: BTreeMap::new(),
             srs: Section::default(),
             greylist: GreylistConfig::default(),
-            allowlist: Section::default(),
+            allowlist: AllowlistConfig::default(),
             denylist: Section::default(),
-            ratelimit: Section::default(),
+            ratelimit: RatelimitConfig::default(),
             backscatter: Section::default(),
             auth: Section::default(),
             arc: Section::default(),
@@ -415,6 +509,14 @@ impl Config {
             ));
         }
         self.store.validate()?;
+        for d in &self.local_domains {
+            if !matches!(d.parse::<AllowEntry>(), Ok(AllowEntry::Domain(_))) {
+                return Err(format!("local_domains: `{d}` is not a domain name"));
+            }
+        }
+        if self.ratelimit.max_recipients == 0 {
+            return Err("ratelimit.max_recipients is 0: it must be at least 1".into());
+        }
         if self.greylist.lifetime <= self.greylist.delay {
             return Err(format!(
                 "greylist.lifetime ({}) must be longer than greylist.delay ({}), or no retry could ever pass",

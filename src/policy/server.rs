@@ -4,7 +4,7 @@
 use super::protocol::{Decoder, ProtocolError, encode};
 use crate::{
     engine::CurrentEngine,
-    envelope::show,
+    envelope::{Stage, show},
     metrics::{Metrics, SessionGuard},
     net::{Listener, Stream},
 };
@@ -66,6 +66,23 @@ fn limit_of(current: &CurrentEngine) -> usize {
     current.get().config().policy.max_connections
 }
 
+/// The message transaction a connection is in, and the recipients mxguard
+/// accepted in it so far.
+#[derive(Default)]
+struct Transaction {
+    instance: String,
+    recipients: u32,
+}
+
+impl Transaction {
+    fn enter(&mut self, instance: &str) {
+        if instance != self.instance {
+            self.instance = instance.to_owned();
+            self.recipients = 0;
+        }
+    }
+}
+
 enum Line {
     Complete,
     Eof,
@@ -116,6 +133,10 @@ async fn handle(
     let mut decoder = Decoder::new(max_attributes);
     let mut line = Vec::with_capacity(256);
     let mut stopping = *stop.borrow();
+    // Postfix sends recipient_count only at DATA and END-OF-MESSAGE, so the
+    // recipients of the transaction in progress (its `instance`) are counted
+    // here: one smtpd sends a whole transaction over its one connection.
+    let mut transaction = Transaction::default();
     loop {
         let between_requests = decoder.is_idle() && line.is_empty();
         if stopping && between_requests {
@@ -151,16 +172,19 @@ async fn handle(
                     Ok(Some(request)) => {
                         let engine = current.get();
                         let started = Instant::now();
-                        let env = request.envelope();
+                        let mut env = request.envelope();
+                        let stage = request.stage();
+                        transaction.enter(request.get("instance").unwrap_or(""));
+                        env.recipient_count = env.recipient_count.max(transaction.recipients);
                         let span = info_span!(
                             "policy",
                             queue_id = show(&env.queue_id),
                             client = %env.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                         );
-                        let decision = engine
-                            .envelope(request.stage(), &env)
-                            .instrument(span)
-                            .await;
+                        let decision = engine.envelope(stage, &env).instrument(span).await;
+                        if stage == Stage::Rcpt && !decision.verdict.is_final() {
+                            transaction.recipients += 1;
+                        }
                         metrics
                             .decision_seconds
                             .with_label_values(&[FRONTEND])

@@ -1,0 +1,140 @@
+//! Limits on how much one client may send: recipients per message, and
+//! messages per hour from one client to one recipient.
+
+use super::greylist::identity;
+use crate::{
+    config::{GreylistKey, RatelimitConfig},
+    envelope::Envelope,
+    store::{Key, Store, StoreError},
+    verdict::{Reply, Verdict},
+};
+
+/// The checks' names in logs and metrics.
+pub const RECIPIENTS: &str = "max_recipients";
+pub const NAME: &str = "ratelimit";
+
+/// `452 4.5.3` for a recipient past the limit (RFC 5321: the client sends
+/// the rest in another message).
+pub fn recipients(config: &RatelimitConfig, env: &Envelope) -> Option<(Verdict, String)> {
+    (env.recipient_count >= config.max_recipients).then(|| {
+        let reply = Reply::new(
+            452,
+            "4.5.3",
+            format!(
+                "Too many recipients: at most {} per message; send the others in another message",
+                config.max_recipients
+            ),
+        );
+        (
+            Verdict::Tempfail(reply),
+            format!("recipient {} of one message", env.recipient_count + 1),
+        )
+    })
+}
+
+/// Counts this message to this recipient and refuses it with 421 past the
+/// limit. Called last, so only requests every other check let through count.
+pub async fn check(
+    config: &RatelimitConfig,
+    env: &Envelope,
+    store: &Store,
+) -> Result<Option<(Verdict, String)>, StoreError> {
+    if config.messages_per_recipient == 0 || env.sasl_username.is_some() {
+        return Ok(None);
+    }
+    let (Some(who), Some(rcpt)) = (identity(env, GreylistKey::Client), env.recipient.as_deref())
+    else {
+        return Ok(None);
+    };
+    let rcpt = rcpt.to_ascii_lowercase();
+    let key = Key::hashed(NAME, &[&who, &rcpt]);
+    let count = store.incr(&key, 1, config.window.get()).await?;
+    if u64::try_from(count).unwrap_or(0) <= config.messages_per_recipient {
+        return Ok(None);
+    }
+    let reply = Reply::new(
+        421,
+        "4.7.0",
+        format!(
+            "Rate limit exceeded: more than {} messages in {} from {who} to this recipient; please try again later",
+            config.messages_per_recipient, config.window
+        ),
+    );
+    Ok(Some((
+        Verdict::Tempfail(reply),
+        format!("message {count} from {who} to {rcpt} in {}", config.window),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{clock::FixedClock, config::StoreConfig};
+    use std::{
+        sync::Arc,
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    #[test]
+    fn the_recipient_after_the_limit_is_deferred() {
+        let config = RatelimitConfig::default();
+        let env = |n| Envelope {
+            recipient_count: n,
+            ..Envelope::default()
+        };
+        assert!(recipients(&config, &env(49)).is_none());
+        let (v, _) = recipients(&config, &env(50)).unwrap_or((Verdict::Continue, String::new()));
+        assert_eq!(
+            v.reply().map(ToString::to_string).as_deref(),
+            Some(
+                "452 4.5.3 Too many recipients: at most 50 per message; send the others in another message"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn message_101_to_one_recipient_in_an_hour_is_refused()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let clock = Arc::new(FixedClock::new(
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        ));
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(
+            &StoreConfig {
+                path: dir.path().join("s.db"),
+                ..StoreConfig::default()
+            },
+            clock.clone(),
+        )
+        .await?;
+        let config = RatelimitConfig::default();
+        let env = Envelope {
+            client_addr: "192.0.2.1".parse().ok(),
+            client_name: Some("mx.example.com".into()),
+            recipient: Some("Alice@example.org".into()),
+            ..Envelope::default()
+        };
+        for _ in 0..100 {
+            assert_eq!(check(&config, &env, &store).await?, None);
+        }
+        let refused = check(&config, &env, &store).await?;
+        assert_eq!(
+            refused
+                .as_ref()
+                .and_then(|(v, _)| v.reply())
+                .map(ToString::to_string)
+                .as_deref(),
+            Some(
+                "421 4.7.0 Rate limit exceeded: more than 100 messages in 1h from example.com to this recipient; please try again later"
+            )
+        );
+        let other = Envelope {
+            recipient: Some("bob@example.org".into()),
+            ..env.clone()
+        };
+        assert_eq!(check(&config, &other, &store).await?, None, "per recipient");
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(check(&config, &env, &store).await?, None, "a new window");
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! Allowlist, recipient limit and rate limit, through the policy front end
+//! and through real Postfix wired both ways.
+
+mod common;
+
+use common::{
+    daemon::Mxguard,
+    stack::{Stack, Wire},
+};
+use std::time::Duration;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+
+/// Asks one RCPT-stage question on a connection of its own.
+async fn ask(d: &Mxguard, client: &str, name: &str, rcpt: &str, count: u32) -> String {
+    let mut s = BufReader::new(
+        TcpStream::connect(d.policy_addr())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}")),
+    );
+    let req = format!(
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name={name}\n\
+         helo_name=mx.example.com\nsender=bob@example.com\nrecipient={rcpt}\nrecipient_count={count}\n\n"
+    );
+    s.get_mut()
+        .write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    let mut line = String::new();
+    s.read_line(&mut line)
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}"));
+    line.trim_end().to_owned()
+}
+
+#[tokio::test]
+async fn message_101_from_one_client_to_one_recipient_in_an_hour_gets_421() {
+    let d = Mxguard::start("").await;
+    for n in 1..=100 {
+        assert_eq!(
+            ask(&d, "198.51.100.7", "mx.example.com", "alice@example.org", 0).await,
+            "action=DUNNO",
+            "message {n}"
+        );
+    }
+    assert_eq!(
+        ask(
+            &d,
+            "198.51.100.8",
+            "mx2.example.com",
+            "alice@example.org",
+            0
+        )
+        .await,
+        "action=421 4.7.0 Rate limit exceeded: more than 100 messages in 1h from example.com to this recipient; \
+         please try again later",
+        "hosts of one organisation count together"
+    );
+    assert_eq!(
+        ask(&d, "198.51.100.7", "mx.example.com", "bob@example.org", 0).await,
+        "action=DUNNO"
+    );
+    assert_eq!(
+        d.metric(
+            r#"mxguard_check_decisions_total{check="ratelimit",mode="enforce",verdict="tempfail"}"#
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_51st_recipient_of_a_message_gets_452() {
+    let d = Mxguard::start("").await;
+    assert_eq!(
+        ask(&d, "198.51.100.7", "unknown", "r49@example.org", 49).await,
+        "action=DUNNO"
+    );
+    assert_eq!(
+        ask(&d, "198.51.100.7", "unknown", "r50@example.org", 50).await,
+        "action=452 4.5.3 Too many recipients: at most 50 per message; send the others in another message"
+    );
+    let d = Mxguard::start("ratelimit: { max_recipients: 2 }").await;
+    assert!(
+        ask(&d, "198.51.100.7", "unknown", "r@example.org", 2)
+            .await
+            .starts_with("action=452 4.5.3 ")
+    );
+}
+
+#[tokio::test]
+async fn allowlisted_clients_skip_greylisting_and_rate_limits_forged_names_do_not() {
+    let d = Mxguard::start(
+        "greylist: { enabled: true }\nratelimit: { messages_per_recipient: 1 }\n\
+         allowlist: { entries: [192.0.2.0/24, example.com] }\nlocal_domains: [example.net]",
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&d, "192.0.2.10", "unknown", "a@example.org", 0).await,
+            "action=DUNNO"
+        );
+        assert_eq!(
+            ask(&d, "198.51.100.1", "mx.example.com", "a@example.org", 0).await,
+            "action=DUNNO"
+        );
+        assert_eq!(
+            ask(&d, "198.51.100.2", "mx.example.net", "a@example.org", 0).await,
+            "action=DUNNO"
+        );
+    }
+    // The same domain, but only claimed (no verified name): greylisted.
+    assert!(
+        ask(&d, "203.0.113.1", "unknown", "a@example.org", 0)
+            .await
+            .starts_with("action=450 4.7.1 ")
+    );
+    // The recipient limit applies to everyone.
+    assert!(
+        ask(&d, "192.0.2.10", "unknown", "a@example.org", 50)
+            .await
+            .starts_with("action=452 4.5.3 ")
+    );
+    assert_eq!(
+        d.metric(
+            r#"mxguard_check_decisions_total{check="allowlist",mode="enforce",verdict="accept"}"#
+        )
+        .await,
+        10.0
+    );
+}
+
+#[tokio::test]
+async fn one_check_can_report_while_the_others_enforce() {
+    let d = Mxguard::start(
+        "greylist: { enabled: true, mode: report }\nratelimit: { messages_per_recipient: 1 }",
+    )
+    .await;
+    assert_eq!(
+        ask(&d, "198.51.100.7", "unknown", "a@example.org", 0).await,
+        "action=DUNNO"
+    );
+    assert!(
+        ask(&d, "198.51.100.7", "unknown", "a@example.org", 0)
+            .await
+            .starts_with("action=421 4.7.0 Rate limit")
+    );
+    assert_eq!(
+        d.metric(
+            r#"mxguard_check_decisions_total{check="greylist",mode="report",verdict="tempfail"}"#
+        )
+        .await,
+        2.0
+    );
+    // And the other way round: everything reported but greylisting.
+    let d = Mxguard::start("mode: report\ngreylist: { enabled: true, mode: enforce }").await;
+    assert!(
+        ask(&d, "198.51.100.7", "unknown", "a@example.org", 50)
+            .await
+            .starts_with("action=450 4.7.1 ")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_postfix_limits_and_allowlist_give_their_codes() {
+    for wire in [Wire::Both, Wire::MilterOnly] {
+        let policy_off = if wire == Wire::MilterOnly {
+            "policy: { listen: null }\n"
+        } else {
+            ""
+        };
+        let s = Stack::start(
+            &format!(
+                "{policy_off}greylist: {{ enabled: true }}\n\
+                 ratelimit: {{ max_recipients: 3, messages_per_recipient: 2 }}\nallowlist: {{ entries: [192.0.2.0/24] }}"
+            ),
+            wire,
+        )
+        .await;
+        let prefix = |rcpt: &str| match wire {
+            Wire::Both => format!("<{rcpt}>: Recipient address rejected: "),
+            Wire::MilterOnly => String::new(),
+        };
+        // Allowlisted: not greylisted; the 4th recipient gets 452.
+        let rcpts = [
+            "a@example.org",
+            "b@example.org",
+            "c@example.org",
+            "d@example.org",
+        ];
+        let t = s.send("192.0.2.10", &rcpts).await;
+        let codes: Vec<u16> = t.rcpts.iter().map(|r| r.code).collect();
+        assert_eq!(codes, [250, 250, 250, 452], "{wire:?}: {t:?}");
+        assert_eq!(
+            t.rcpts[3].text(),
+            format!(
+                "4.5.3 {}Too many recipients: at most 3 per message; send the others in another message",
+                prefix("d@example.org")
+            ),
+            "{wire:?}"
+        );
+        assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{wire:?}");
+        s.sink.wait_for(1, Duration::from_secs(20)).await;
+
+        // Not allowlisted: greylisted.
+        let t = s.send("198.51.100.50", &["a@example.org"]).await;
+        assert_eq!(t.rcpts[0].code, 450, "{wire:?}: {t:?}");
+
+        // The rate limit, with a client that greylisting lets through: the
+        // third message to one recipient gets 421 and the session ends.
+        let s = Stack::start(
+            &format!("{policy_off}ratelimit: {{ messages_per_recipient: 2 }}"),
+            wire,
+        )
+        .await;
+        for _ in 0..2 {
+            let t = s.send("198.51.100.60", &["a@example.org"]).await;
+            assert_eq!(
+                t.data.as_ref().map(|r| r.code),
+                Some(250),
+                "{wire:?}: {t:?}"
+            );
+        }
+        let t = s.send("198.51.100.60", &["a@example.org"]).await;
+        assert_eq!(t.rcpts[0].code, 421, "{wire:?}: {t:?}");
+        assert!(
+            t.rcpts[0]
+                .text()
+                .contains("Rate limit exceeded: more than 2 messages in 1h from example.com"),
+            "{t:?}"
+        );
+        assert!(t.data.is_none());
+    }
+}
