@@ -9,11 +9,14 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
+/// One RCPT request, each of a transaction (`instance`) of its own.
 fn request(client: &str, rcpt: &str) -> String {
+    static INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let instance = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!(
         "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address={client}\n\
          client_name=unknown\nreverse_client_name=unknown\nhelo_name=mail.example.com\nsender=bob@example.com\n\
-         recipient={rcpt}\nrecipient_count=0\nqueue_id=\ninstance=1.2.3\nsize=0\n\n"
+         recipient={rcpt}\nrecipient_count=0\nqueue_id=\ninstance={instance}\nsize=0\n\n"
     )
 }
 
@@ -378,4 +381,31 @@ async fn http_serves_metrics_and_health() {
     }
     let (status, _) = d.http_get("/nothing").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
+
+#[tokio::test]
+async fn recipients_are_counted_per_transaction() {
+    let d = Mxguard::start("ratelimit: { max_recipients: 3 }").await;
+    let mut s = connect(&d).await;
+    let rcpt = |instance: &str, n: u32| {
+        format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=198.51.100.1\n\
+             recipient=r{n}@example.org\nrecipient_count=0\ninstance={instance}\n\n"
+        )
+    };
+    for n in 0..3 {
+        assert_eq!(ask(&mut s, &rcpt("A", n)).await, "action=DUNNO\n");
+    }
+    assert!(
+        ask(&mut s, &rcpt("A", 3))
+            .await
+            .starts_with("action=452 4.5.3 Too many recipients")
+    );
+    // A refused recipient is not counted, and a new transaction starts at 0.
+    assert!(
+        ask(&mut s, &rcpt("A", 4))
+            .await
+            .starts_with("action=452 4.5.3 ")
+    );
+    assert_eq!(ask(&mut s, &rcpt("B", 0)).await, "action=DUNNO\n");
 }
