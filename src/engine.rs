@@ -130,20 +130,9 @@ impl Engine {
         if stage == Stage::Rcpt {
             let allowed = self.allowlist.matches(env).map(ToString::to_string);
             if let Some(entry) = &allowed {
-                self.metrics
-                    .check_decisions
-                    .with_label_values(&[allowlist::NAME, "accept", "enforce"])
-                    .inc();
-                info!(
-                    queue_id = show(&env.queue_id),
-                    client = %display_ip(env),
-                    sender = show(&env.sender),
-                    recipient = show(&env.recipient),
-                    %stage,
-                    check = allowlist::NAME,
-                    verdict = "accept",
-                    "allowlisted by {entry}: greylisting and rate limits skipped"
-                );
+                // Logged and counted like any decision; the checks go on.
+                let reason = format!("allowlisted by {entry}: greylisting and rate limits skipped");
+                self.decide(stage, env, allowlist::NAME, Verdict::Accept, reason, None);
             }
             let limits = &self.config.ratelimit;
             if let Some((verdict, reason)) = ratelimit::recipients(limits, env) {
@@ -243,7 +232,9 @@ impl Engine {
         mode: Option<Mode>,
     ) -> Decision {
         let mode_in_force = mode.unwrap_or(self.config.mode);
-        let reported_only = mode_in_force == Mode::Report && verdict.is_final();
+        // Report mode holds back refusals; an accept has nothing to hold back.
+        let reported_only =
+            mode_in_force == Mode::Report && verdict.is_final() && verdict != Verdict::Accept;
         let mode = if reported_only { "report" } else { "enforce" };
         self.metrics
             .check_decisions

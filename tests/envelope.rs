@@ -8,58 +8,28 @@ use common::{
     stack::{Stack, Wire},
 };
 use std::time::Duration;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
-
-/// Asks one RCPT-stage question on a connection of its own.
-async fn ask(d: &Mxguard, client: &str, name: &str, rcpt: &str, count: u32) -> String {
-    let mut s = BufReader::new(
-        TcpStream::connect(d.policy_addr())
-            .await
-            .unwrap_or_else(|e| panic!("connect: {e}")),
-    );
-    let req = format!(
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name={name}\n\
-         helo_name=mx.example.com\nsender=bob@example.com\nrecipient={rcpt}\nrecipient_count={count}\n\n"
-    );
-    s.get_mut()
-        .write_all(req.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("write: {e}"));
-    let mut line = String::new();
-    s.read_line(&mut line)
-        .await
-        .unwrap_or_else(|e| panic!("read: {e}"));
-    line.trim_end().to_owned()
-}
 
 #[tokio::test]
 async fn message_101_from_one_client_to_one_recipient_in_an_hour_gets_421() {
     let d = Mxguard::start("").await;
     for n in 1..=100 {
         assert_eq!(
-            ask(&d, "198.51.100.7", "mx.example.com", "alice@example.org", 0).await,
+            d.ask_rcpt("198.51.100.7", "mx.example.com", "alice@example.org", 0)
+                .await,
             "action=DUNNO",
             "message {n}"
         );
     }
     assert_eq!(
-        ask(
-            &d,
-            "198.51.100.8",
-            "mx2.example.com",
-            "alice@example.org",
-            0
-        )
-        .await,
+        d.ask_rcpt("198.51.100.8", "mx2.example.com", "alice@example.org", 0)
+            .await,
         "action=421 4.7.0 Rate limit exceeded: more than 100 messages in 1h from example.com to this recipient; \
          please try again later",
         "hosts of one organisation count together"
     );
     assert_eq!(
-        ask(&d, "198.51.100.7", "mx.example.com", "bob@example.org", 0).await,
+        d.ask_rcpt("198.51.100.7", "mx.example.com", "bob@example.org", 0)
+            .await,
         "action=DUNNO"
     );
     assert_eq!(
@@ -75,16 +45,18 @@ async fn message_101_from_one_client_to_one_recipient_in_an_hour_gets_421() {
 async fn the_51st_recipient_of_a_message_gets_452() {
     let d = Mxguard::start("").await;
     assert_eq!(
-        ask(&d, "198.51.100.7", "unknown", "r49@example.org", 49).await,
+        d.ask_rcpt("198.51.100.7", "unknown", "r49@example.org", 49)
+            .await,
         "action=DUNNO"
     );
     assert_eq!(
-        ask(&d, "198.51.100.7", "unknown", "r50@example.org", 50).await,
+        d.ask_rcpt("198.51.100.7", "unknown", "r50@example.org", 50)
+            .await,
         "action=452 4.5.3 Too many recipients: at most 50 per message; send the others in another message"
     );
     let d = Mxguard::start("ratelimit: { max_recipients: 2 }").await;
     assert!(
-        ask(&d, "198.51.100.7", "unknown", "r@example.org", 2)
+        d.ask_rcpt("198.51.100.7", "unknown", "r@example.org", 2)
             .await
             .starts_with("action=452 4.5.3 ")
     );
@@ -99,27 +71,30 @@ async fn allowlisted_clients_skip_greylisting_and_rate_limits_forged_names_do_no
     .await;
     for _ in 0..3 {
         assert_eq!(
-            ask(&d, "192.0.2.10", "unknown", "a@example.org", 0).await,
+            d.ask_rcpt("192.0.2.10", "unknown", "a@example.org", 0)
+                .await,
             "action=DUNNO"
         );
         assert_eq!(
-            ask(&d, "198.51.100.1", "mx.example.com", "a@example.org", 0).await,
+            d.ask_rcpt("198.51.100.1", "mx.example.com", "a@example.org", 0)
+                .await,
             "action=DUNNO"
         );
         assert_eq!(
-            ask(&d, "198.51.100.2", "mx.example.net", "a@example.org", 0).await,
+            d.ask_rcpt("198.51.100.2", "mx.example.net", "a@example.org", 0)
+                .await,
             "action=DUNNO"
         );
     }
     // The same domain, but only claimed (no verified name): greylisted.
     assert!(
-        ask(&d, "203.0.113.1", "unknown", "a@example.org", 0)
+        d.ask_rcpt("203.0.113.1", "unknown", "a@example.org", 0)
             .await
             .starts_with("action=450 4.7.1 ")
     );
     // The recipient limit applies to everyone.
     assert!(
-        ask(&d, "192.0.2.10", "unknown", "a@example.org", 50)
+        d.ask_rcpt("192.0.2.10", "unknown", "a@example.org", 50)
             .await
             .starts_with("action=452 4.5.3 ")
     );
@@ -139,11 +114,12 @@ async fn one_check_can_report_while_the_others_enforce() {
     )
     .await;
     assert_eq!(
-        ask(&d, "198.51.100.7", "unknown", "a@example.org", 0).await,
+        d.ask_rcpt("198.51.100.7", "unknown", "a@example.org", 0)
+            .await,
         "action=DUNNO"
     );
     assert!(
-        ask(&d, "198.51.100.7", "unknown", "a@example.org", 0)
+        d.ask_rcpt("198.51.100.7", "unknown", "a@example.org", 0)
             .await
             .starts_with("action=421 4.7.0 Rate limit")
     );
@@ -157,7 +133,7 @@ async fn one_check_can_report_while_the_others_enforce() {
     // And the other way round: everything reported but greylisting.
     let d = Mxguard::start("mode: report\ngreylist: { enabled: true, mode: enforce }").await;
     assert!(
-        ask(&d, "198.51.100.7", "unknown", "a@example.org", 50)
+        d.ask_rcpt("198.51.100.7", "unknown", "a@example.org", 50)
             .await
             .starts_with("action=450 4.7.1 ")
     );

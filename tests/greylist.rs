@@ -10,54 +10,42 @@ use common::{
     stack::{Stack, Wire},
 };
 use std::time::Duration;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
-
-/// One RCPT-stage policy request from `client` (named `name`, if verified).
-async fn ask(d: &Mxguard, client: &str, name: &str) -> String {
-    let mut s = BufReader::new(
-        TcpStream::connect(d.policy_addr())
-            .await
-            .unwrap_or_else(|e| panic!("connect: {e}")),
-    );
-    let req = format!(
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name={name}\n\
-         sender=bob@example.com\nrecipient=alice@example.org\n\n"
-    );
-    s.get_mut()
-        .write_all(req.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("write: {e}"));
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_line(&mut line))
-        .await
-        .unwrap_or_else(|_| panic!("no answer"))
-        .unwrap_or_else(|e| panic!("read: {e}"));
-    line.trim_end().to_owned()
-}
 
 const FIRST: &str = "action=450 4.7.1 Message was greylisted, try again in 2 seconds";
 
 #[tokio::test]
 async fn a_new_client_waits_for_the_delay_then_passes() {
     let d = Mxguard::start("greylist: { enabled: true, delay: 2s }").await;
-    assert_eq!(ask(&d, "198.51.100.7", "mx1.example.com").await, FIRST);
+    assert_eq!(
+        d.ask_rcpt("198.51.100.7", "mx1.example.com", "alice@example.org", 0)
+            .await,
+        FIRST
+    );
     // Another host of the same organisation shares the timer.
-    let early = ask(&d, "198.51.100.8", "mx2.example.com").await;
+    let early = d
+        .ask_rcpt("198.51.100.8", "mx2.example.com", "alice@example.org", 0)
+        .await;
     assert!(
         early.starts_with("action=450 4.7.1 Message was greylisted, try again in "),
         "{early}"
     );
     // A client with no verified name is keyed by its address.
-    assert_eq!(ask(&d, "203.0.113.9", "unknown").await, FIRST);
+    assert_eq!(
+        d.ask_rcpt("203.0.113.9", "unknown", "alice@example.org", 0)
+            .await,
+        FIRST
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
-        ask(&d, "198.51.100.9", "mx3.example.com").await,
+        d.ask_rcpt("198.51.100.9", "mx3.example.com", "alice@example.org", 0)
+            .await,
         "action=DUNNO"
     );
-    assert_eq!(ask(&d, "203.0.113.9", "unknown").await, "action=DUNNO");
+    assert_eq!(
+        d.ask_rcpt("203.0.113.9", "unknown", "alice@example.org", 0)
+            .await,
+        "action=DUNNO"
+    );
     assert_eq!(
         d.metric(
             r#"mxguard_check_decisions_total{check="greylist",mode="enforce",verdict="tempfail"}"#
@@ -77,7 +65,11 @@ async fn a_new_client_waits_for_the_delay_then_passes() {
 #[tokio::test]
 async fn report_mode_only_counts_greylisting() {
     let d = Mxguard::start("mode: report\ngreylist: { enabled: true }").await;
-    assert_eq!(ask(&d, "198.51.100.7", "unknown").await, "action=DUNNO");
+    assert_eq!(
+        d.ask_rcpt("198.51.100.7", "unknown", "alice@example.org", 0)
+            .await,
+        "action=DUNNO"
+    );
     assert_eq!(
         d.metric(
             r#"mxguard_check_decisions_total{check="greylist",mode="report",verdict="tempfail"}"#
@@ -96,7 +88,7 @@ async fn greylist_state_survives_a_restart_of_the_embedded_store() {
     );
     let d = Mxguard::start(&yaml).await;
     assert!(
-        ask(&d, "198.51.100.7", "unknown")
+        d.ask_rcpt("198.51.100.7", "unknown", "alice@example.org", 0)
             .await
             .starts_with("action=450")
     );
@@ -104,7 +96,8 @@ async fn greylist_state_survives_a_restart_of_the_embedded_store() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let d = Mxguard::start(&yaml).await;
     assert_eq!(
-        ask(&d, "198.51.100.7", "unknown").await,
+        d.ask_rcpt("198.51.100.7", "unknown", "alice@example.org", 0)
+            .await,
         "action=DUNNO",
         "the first sighting was kept"
     );
@@ -123,16 +116,23 @@ async fn two_instances_share_state_through_one_redis() {
     let redis = RedisServer::start().unwrap_or_else(|e| panic!("redis: {e}"));
     let a = Mxguard::start(&redis_yaml(&redis, "tempfail")).await;
     let b = Mxguard::start(&redis_yaml(&redis, "tempfail")).await;
-    assert_eq!(ask(&a, "198.51.100.7", "mx1.example.com").await, FIRST);
+    assert_eq!(
+        a.ask_rcpt("198.51.100.7", "mx1.example.com", "alice@example.org", 0)
+            .await,
+        FIRST
+    );
     // B has never seen this client, yet knows how long it still has to wait.
-    let from_b = ask(&b, "198.51.100.8", "mx2.example.com").await;
+    let from_b = b
+        .ask_rcpt("198.51.100.8", "mx2.example.com", "alice@example.org", 0)
+        .await;
     assert!(
         from_b.starts_with("action=450 4.7.1 Message was greylisted, try again in "),
         "{from_b}"
     );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
-        ask(&b, "198.51.100.9", "mx3.example.com").await,
+        b.ask_rcpt("198.51.100.9", "mx3.example.com", "alice@example.org", 0)
+            .await,
         "action=DUNNO"
     );
     // Keys hold no readable address or domain.
@@ -151,16 +151,25 @@ async fn redis_going_away_follows_on_error_and_recovers_without_restart() {
     let mut redis = RedisServer::start().unwrap_or_else(|e| panic!("redis: {e}"));
     let strict = Mxguard::start(&redis_yaml(&redis, "tempfail")).await;
     let lenient = Mxguard::start(&redis_yaml(&redis, "continue")).await;
-    assert_eq!(ask(&strict, "198.51.100.7", "unknown").await, FIRST);
+    assert_eq!(
+        strict
+            .ask_rcpt("198.51.100.7", "unknown", "alice@example.org", 0)
+            .await,
+        FIRST
+    );
 
     redis.stop();
     let started = std::time::Instant::now();
     assert_eq!(
-        ask(&strict, "198.51.100.20", "unknown").await,
+        strict
+            .ask_rcpt("198.51.100.20", "unknown", "alice@example.org", 0)
+            .await,
         "action=451 4.3.0 Our state store is unavailable; please try again later"
     );
     assert_eq!(
-        ask(&lenient, "198.51.100.21", "unknown").await,
+        lenient
+            .ask_rcpt("198.51.100.21", "unknown", "alice@example.org", 0)
+            .await,
         "action=DUNNO"
     );
     assert!(
@@ -186,7 +195,9 @@ async fn redis_going_away_follows_on_error_and_recovers_without_restart() {
         .unwrap_or_else(|e| panic!("redis restart: {e}"));
     let mut answer = String::new();
     for _ in 0..10 {
-        answer = ask(&strict, "198.51.100.22", "unknown").await;
+        answer = strict
+            .ask_rcpt("198.51.100.22", "unknown", "alice@example.org", 0)
+            .await;
         if answer == FIRST {
             break;
         }

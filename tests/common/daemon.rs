@@ -181,6 +181,30 @@ impl Mxguard {
         }
     }
 
+    /// One RCPT-stage policy request from `client` (verified name `name`,
+    /// or `unknown`) on a connection of its own; the `action=` line.
+    pub async fn ask_rcpt(&self, client: &str, name: &str, rcpt: &str, count: u32) -> String {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let s = TcpStream::connect(self.policy_addr())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let mut s = BufReader::new(s);
+        let req = format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name={name}\n\
+             helo_name=mx.example.com\nsender=bob@example.com\nrecipient={rcpt}\nrecipient_count={count}\n\n"
+        );
+        s.get_mut()
+            .write_all(req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_line(&mut line))
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 10 s"))
+            .unwrap_or_else(|e| panic!("read: {e}"));
+        line.trim_end().to_owned()
+    }
+
     /// GET a path from the HTTP listener: (status line, body).
     pub async fn http_get(&self, path: &str) -> (String, String) {
         http_get(self.http_addr(), path).await
