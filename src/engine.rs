@@ -6,12 +6,14 @@
 use crate::{
     checks::{
         allowlist::{self, Allowlist},
+        backscatter,
         clients::{self, RejectClients},
-        greylist, ratelimit,
+        denylist, greylist, ratelimit,
     },
     clock::Clock,
     config::{Config, EnvelopeChecks, Mode},
     envelope::{Envelope, Stage, show},
+    feeds::Feeds,
     metrics::Metrics,
     store::{FailurePolicy, Store},
     verdict::{Decision, Verdict},
@@ -19,11 +21,21 @@ use crate::{
 use std::sync::{Arc, RwLock};
 use tracing::{debug, info};
 
+/// What outlives a reload: the engine of every configuration shares them.
+#[derive(Clone)]
+pub struct Services {
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub store: Store,
+    pub feeds: Arc<Feeds>,
+}
+
 pub struct Engine {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     store: Store,
+    feeds: Arc<Feeds>,
     /// What checks do when the store fails (`store.on_error`).
     store_failures: FailurePolicy,
     reject_clients: RejectClients,
@@ -32,12 +44,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(
-        config: Arc<Config>,
-        metrics: Arc<Metrics>,
-        clock: Arc<dyn Clock>,
-        store: Store,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, services: Services) -> Self {
+        let Services {
+            metrics,
+            clock,
+            store,
+            feeds,
+        } = services;
         let reject_clients = RejectClients::new(&config.policy.reject_clients);
         let allowlist = Allowlist::new(&config.allowlist.entries, &config.local_domains);
         let hostname = if config.hostname.is_empty() {
@@ -51,6 +64,7 @@ impl Engine {
             metrics,
             clock,
             store,
+            feeds,
             store_failures,
             reject_clients,
             allowlist,
@@ -146,6 +160,31 @@ impl Engine {
                 );
                 if let Some(d) = keep(d) {
                     return d;
+                }
+            }
+            if allowed.is_none() {
+                let now = self.clock.now();
+                let listed = denylist::check(&self.config.denylist, &self.feeds.denylist, env, now);
+                if let Some((verdict, reason)) = listed {
+                    let mode = self.config.denylist.mode;
+                    if let Some(d) =
+                        keep(self.decide(stage, env, denylist::NAME, verdict, reason, mode))
+                    {
+                        return d;
+                    }
+                }
+                let bounced = self
+                    .feeds
+                    .backscatter
+                    .as_ref()
+                    .and_then(|f| backscatter::check(f, env, now));
+                if let Some((verdict, reason)) = bounced {
+                    let mode = self.config.backscatter.mode;
+                    if let Some(d) =
+                        keep(self.decide(stage, env, backscatter::NAME, verdict, reason, mode))
+                    {
+                        return d;
+                    }
                 }
             }
             if allowed.is_none() && self.config.greylist.enabled {
@@ -327,12 +366,13 @@ mod tests {
         let mut config = Config::parse(yaml, "test")?;
         config.store.path = dir.path().join("state.db");
         let store = Store::open(&config.store, Arc::new(SystemClock)).await?;
-        let engine = Engine::new(
-            Arc::new(config),
-            Arc::new(Metrics::new()?),
-            Arc::new(SystemClock),
+        let services = Services {
+            metrics: Arc::new(Metrics::new()?),
+            clock: Arc::new(SystemClock),
             store,
-        );
+            feeds: Arc::new(Feeds::default()),
+        };
+        let engine = Engine::new(Arc::new(config), services);
         Ok((engine, dir))
     }
 

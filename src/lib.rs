@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod envelope;
+pub mod feeds;
 pub mod http;
 pub mod metrics;
 pub mod milter;
@@ -123,14 +124,44 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new()?);
     let clock: Arc<dyn clock::Clock> = Arc::new(SystemClock);
     let store = store::Store::open(&file.config.store, clock.clone()).await?;
+    let feeds = Arc::new(feeds::Feeds::new(
+        &file.config.denylist.feeds,
+        file.config.backscatter.feed.as_ref(),
+    ));
+    // Read every feed once before answering; a feed that fails starts empty
+    // and is tried again at its next refresh.
+    for feed in feeds.all() {
+        feeds::refresh(feed, clock.now(), &metrics).await;
+    }
+    let services = engine::Services {
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+        store: store.clone(),
+        feeds,
+    };
     let current = Arc::new(CurrentEngine::new(Engine::new(
         Arc::new(file.config.clone()),
-        metrics.clone(),
-        clock.clone(),
-        store.clone(),
+        services.clone(),
     )));
     let (stop_tx, stop_rx) = watch::channel(false);
     let in_flight = InFlight::new();
+    let feed_tasks: Vec<_> = services
+        .feeds
+        .all()
+        .map(|feed| {
+            let (feed, services, mut stop) = (feed.clone(), services.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(feed.config().refresh.get()) => {
+                            feeds::refresh(&feed, services.clock.now(), &services.metrics).await;
+                        }
+                        _ = net::stopping(&mut stop) => break,
+                    }
+                }
+            })
+        })
+        .collect();
 
     let (milter_shutdown_tx, milter_shutdown_rx) = oneshot::channel::<()>();
     let mut milter_task = listeners.milter.map(|l| {
@@ -166,7 +197,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             msg = reload.recv(), if reload_open => match msg {
-                Some(()) => reload_config(&mut running, &current, &metrics, &store, &clock),
+                Some(()) => reload_config(&mut running, &current, &services),
                 None => reload_open = false,
             },
             // The milter's accept loop only ends on its own when it can no
@@ -216,7 +247,11 @@ pub async fn run(
             warn!("the milter front end did not stop in time");
         }
     }
-    for t in [policy_task, http_task].into_iter().flatten() {
+    for t in [policy_task, http_task]
+        .into_iter()
+        .flatten()
+        .chain(feed_tasks)
+    {
         t.abort();
     }
     // The embedded store writes what it holds in memory.
@@ -239,13 +274,8 @@ async fn finished<T>(
 
 /// Reads the configuration again and, if it loads, puts it in force. Values
 /// that only take effect at start are kept, with a warning.
-fn reload_config(
-    running: &mut ConfigFile,
-    current: &CurrentEngine,
-    metrics: &Arc<Metrics>,
-    store: &store::Store,
-    clock: &Arc<dyn clock::Clock>,
-) {
+fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, services: &engine::Services) {
+    let metrics = &services.metrics;
     let mut fresh = match ConfigFile::load(&running.path) {
         Ok(f) => f,
         Err(e) => {
@@ -273,14 +303,11 @@ fn reload_config(
     keep!(policy.max_connections);
     keep!(http.listen);
     keep!(log.level);
-    // The open store stays; its options apply at the next start.
+    // The open store and the feeds stay; their options apply at the next start.
     keep!(store);
-    current.replace(Engine::new(
-        Arc::new(new.clone()),
-        metrics.clone(),
-        clock.clone(),
-        store.clone(),
-    ));
+    keep!(denylist.feeds);
+    keep!(backscatter.feed);
+    current.replace(Engine::new(Arc::new(new.clone()), services.clone()));
     metrics.reloads.with_label_values(&["ok"]).inc();
     info!(config = %fresh.path.display(), mode = %new.mode, "configuration reloaded");
     *running = fresh;

@@ -25,6 +25,10 @@ pub struct Metrics {
     /// State store failures met by a check, by check, error and what was
     /// done (`tempfail` or `continue`, from `store.on_error`).
     pub store_failures: IntCounterVec,
+    /// Entries in force in each feed.
+    pub feed_entries: IntGaugeVec,
+    /// Feed reads, by feed and result (`ok`, `error`: the last good copy stays).
+    pub feed_loads: IntCounterVec,
 }
 
 impl Metrics {
@@ -82,6 +86,14 @@ impl Metrics {
             ),
             &["check", "error", "action"],
         )?;
+        let feed_entries = IntGaugeVec::new(
+            Opts::new("feed_entries", "Entries in force in each feed."),
+            &["feed"],
+        )?;
+        let feed_loads = IntCounterVec::new(
+            Opts::new("feed_loads_total", "Feed reads, by result."),
+            &["feed", "result"],
+        )?;
         let build = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; labelled with the version."),
             &["version"],
@@ -95,12 +107,14 @@ impl Metrics {
             &connections_refused,
             &reloads,
             &store_failures,
+            &feed_loads,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(decision_seconds.clone()))?;
         registry.register(Box::new(build))?;
+        registry.register(Box::new(feed_entries.clone()))?;
         // Make the series visible at zero before the first event.
         for frontend in ["policy", "milter"] {
             sessions.with_label_values(&[frontend]);
@@ -119,6 +133,8 @@ impl Metrics {
             connections_refused,
             reloads,
             store_failures,
+            feed_entries,
+            feed_loads,
         })
     }
 

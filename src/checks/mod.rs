@@ -3,6 +3,8 @@
 //! verdict; none of them touches a socket.
 
 pub mod allowlist;
+pub mod backscatter;
 pub mod clients;
+pub mod denylist;
 pub mod greylist;
 pub mod ratelimit;

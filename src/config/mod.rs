@@ -12,7 +12,11 @@ pub use store::{OnError, StoreBackend, StoreConfig, redact_in, redact_url};
 pub use values::{Duration, IpNet, ListenAddr, Size};
 
 use serde::{Deserialize, Serialize};
-use std::{collections::BTreeMap, fmt, fs, io, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
 use thiserror::Error;
 
 /// Where the daemon looks for its configuration when `-c` is not given.
@@ -39,9 +43,9 @@ pub struct Config {
     pub srs: Section,
     pub greylist: GreylistConfig,
     pub allowlist: AllowlistConfig,
-    pub denylist: Section,
+    pub denylist: DenylistConfig,
     pub ratelimit: RatelimitConfig,
-    pub backscatter: Section,
+    pub backscatter: BackscatterConfig,
     pub auth: Section,
     pub arc: Section,
     pub content: Section,
@@ -249,6 +253,54 @@ impl Serialize for AllowEntry {
     }
 }
 
+/// A list of client addresses kept in a file that another program (cron,
+/// rsync of an rbldnsd zone) refreshes: plain IP addresses and CIDR blocks,
+/// one per line, or rbldnsd `ip4set` text.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Named in replies, logs and metrics.
+    pub name: String,
+    pub path: PathBuf,
+    /// How often the file is read again.
+    #[serde(default = "default_feed_refresh")]
+    pub refresh: Duration,
+    /// How long an address that dropped out of the file stays listed.
+    #[serde(default = "default_feed_grace")]
+    pub grace: Duration,
+}
+
+fn default_feed_refresh() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_feed_grace() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+
+/// Clients refused with 421 because a feed lists them.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DenylistConfig {
+    pub feeds: Vec<FeedConfig>,
+    /// Where listed senders can ask for removal; named in the reply, with
+    /// `?q=<address>` appended. Empty: the reply names the feed instead.
+    pub removal_url: String,
+    /// `enforce` or `report` for the denylist alone; `null`: the global `mode`.
+    pub mode: Option<Mode>,
+}
+
+/// Bounces (null or postmaster-style senders) refused with 554 from clients
+/// a backscatter feed lists.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackscatterConfig {
+    /// `null` turns the check off.
+    pub feed: Option<FeedConfig>,
+    /// `enforce` or `report` for this check alone; `null`: the global `mode`.
+    pub mode: Option<Mode>,
+}
+
 /// Limits on how much one client may send.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -398,9 +450,9 @@ impl Default for Config {
             srs: Section::default(),
             greylist: GreylistConfig::default(),
             allowlist: AllowlistConfig::default(),
-            denylist: Section::default(),
+            denylist: DenylistConfig::default(),
             ratelimit: RatelimitConfig::default(),
-            backscatter: Section::default(),
+            backscatter: BackscatterConfig::default(),
             auth: Section::default(),
             arc: Section::default(),
             content: Section::default(),
@@ -513,6 +565,33 @@ impl Config {
             if !matches!(d.parse::<AllowEntry>(), Ok(AllowEntry::Domain(_))) {
                 return Err(format!("local_domains: `{d}` is not a domain name"));
             }
+        }
+        let feeds = self.denylist.feeds.iter().chain(&self.backscatter.feed);
+        let mut names = std::collections::BTreeSet::new();
+        for f in feeds {
+            if f.name.is_empty() || f.name.contains(|c: char| c.is_control()) {
+                return Err(format!(
+                    "feed `{}`: a feed needs a printable name",
+                    f.name.escape_debug()
+                ));
+            }
+            if !names.insert(f.name.as_str()) {
+                return Err(format!("feed name `{}` is used twice", f.name));
+            }
+            if !f.path.is_absolute() {
+                return Err(format!(
+                    "feed `{}`: path {} must be absolute",
+                    f.name,
+                    f.path.display()
+                ));
+            }
+        }
+        if self
+            .denylist
+            .removal_url
+            .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err("denylist.removal_url must not contain white space".into());
         }
         if self.ratelimit.max_recipients == 0 {
             return Err("ratelimit.max_recipients is 0: it must be at least 1".into());
