@@ -6,7 +6,7 @@
 use crate::{
     checks::{
         allowlist::{self, Allowlist},
-        backscatter,
+        autodeny, backscatter,
         clients::{self, RejectClients},
         denylist, greylist, ratelimit,
     },
@@ -185,6 +185,15 @@ impl Engine {
                     {
                         return d;
                     }
+                }
+            }
+            if allowed.is_none() && self.config.denylist.auto.enabled {
+                let checked = Box::pin(autodeny::check(env, &self.store)).await;
+                let mode = self.config.denylist.mode;
+                if let Some(d) = self.store_check(stage, env, autodeny::NAME, checked, mode)
+                    && let Some(d) = keep(d)
+                {
+                    return d;
                 }
             }
             if allowed.is_none() && self.config.greylist.enabled {

@@ -14,28 +14,6 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
-/// A RCPT-stage request with a given sender.
-async fn ask_from(d: &Mxguard, client: &str, sender: &str) -> String {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let s = tokio::net::TcpStream::connect(d.policy_addr())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut s = BufReader::new(s);
-    let req = format!(
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name=unknown\n\
-         sender={sender}\nrecipient=alice@example.org\n\n"
-    );
-    s.get_mut()
-        .write_all(req.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut line = String::new();
-    s.read_line(&mut line)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    line.trim_end().to_owned()
-}
-
 #[tokio::test]
 async fn listed_clients_get_421_with_the_way_to_removal() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -160,18 +138,37 @@ async fn bounces_from_backscatter_sources_get_554() {
     .await;
     let refused = "action=REJECT 5.7.1 The IP 203.0.113.9 is listed on backscatterer.org, a list of servers that send \
                    misdirected bounces; this server does not take bounces from it";
-    assert_eq!(ask_from(&d, "203.0.113.9", "").await, refused);
     assert_eq!(
-        ask_from(&d, "203.0.113.9", "MAILER-DAEMON@example.com").await,
+        d.ask_rcpt_from("203.0.113.9", "unknown", "", "alice@example.org", 0)
+            .await,
         refused
     );
     assert_eq!(
-        ask_from(&d, "203.0.113.9", "alice@example.com").await,
+        d.ask_rcpt_from(
+            "203.0.113.9",
+            "unknown",
+            "MAILER-DAEMON@example.com",
+            "alice@example.org",
+            0
+        )
+        .await,
+        refused
+    );
+    assert_eq!(
+        d.ask_rcpt_from(
+            "203.0.113.9",
+            "unknown",
+            "alice@example.com",
+            "alice@example.org",
+            0
+        )
+        .await,
         "action=DUNNO",
         "not a bounce"
     );
     assert_eq!(
-        ask_from(&d, "198.51.100.1", "").await,
+        d.ask_rcpt_from("198.51.100.1", "unknown", "", "alice@example.org", 0)
+            .await,
         "action=DUNNO",
         "not listed"
     );

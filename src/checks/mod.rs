@@ -3,6 +3,7 @@
 //! verdict; none of them touches a socket.
 
 pub mod allowlist;
+pub mod autodeny;
 pub mod backscatter;
 pub mod clients;
 pub mod denylist;

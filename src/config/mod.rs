@@ -286,8 +286,43 @@ pub struct DenylistConfig {
     /// Where listed senders can ask for removal; named in the reply, with
     /// `?q=<address>` appended. Empty: the reply names the feed instead.
     pub removal_url: String,
+    /// Denylisting of the attributes of messages found to be spam or viruses.
+    pub auto: AutoDenyConfig,
     /// `enforce` or `report` for the denylist alone; `null`: the global `mode`.
     pub mode: Option<Mode>,
+}
+
+/// Thresholds and lifetimes of automatic denylisting (the reference's).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoDenyConfig {
+    /// Refuse (421) transactions with a denylisted attribute.
+    pub enabled: bool,
+    /// Spam findings after which an address (sender, From) is denylisted.
+    pub spam_threshold_address: u64,
+    /// Spam findings after which any attribute is denylisted.
+    pub spam_threshold: u64,
+    /// Virus findings after which an address is denylisted.
+    pub virus_threshold: u64,
+    /// How long a count lives, for clients not allowlisted and allowlisted.
+    pub counter_lifetime: Duration,
+    pub counter_lifetime_allowlisted: Duration,
+    /// How long an attribute stays denylisted.
+    pub lifetime: Duration,
+}
+
+impl Default for AutoDenyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            spam_threshold_address: 5,
+            spam_threshold: 10,
+            virus_threshold: 3,
+            counter_lifetime: Duration::from_secs(5 * 86_400),
+            counter_lifetime_allowlisted: Duration::from_secs(86_400),
+            lifetime: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 /// Bounces (null or postmaster-style senders) refused with 554 from clients

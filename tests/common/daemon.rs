@@ -182,8 +182,22 @@ impl Mxguard {
     }
 
     /// One RCPT-stage policy request from `client` (verified name `name`,
-    /// or `unknown`) on a connection of its own; the `action=` line.
+    /// or `unknown`) and bob@example.com, on a connection of its own; the
+    /// `action=` line.
     pub async fn ask_rcpt(&self, client: &str, name: &str, rcpt: &str, count: u32) -> String {
+        self.ask_rcpt_from(client, name, "bob@example.com", rcpt, count)
+            .await
+    }
+
+    /// The same with a sender of the test's choice (empty: the null sender).
+    pub async fn ask_rcpt_from(
+        &self,
+        client: &str,
+        name: &str,
+        sender: &str,
+        rcpt: &str,
+        count: u32,
+    ) -> String {
         use tokio::io::{AsyncBufReadExt, BufReader};
         let s = TcpStream::connect(self.policy_addr())
             .await
@@ -191,7 +205,7 @@ impl Mxguard {
         let mut s = BufReader::new(s);
         let req = format!(
             "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\nclient_name={name}\n\
-             helo_name=mx.example.com\nsender=bob@example.com\nrecipient={rcpt}\nrecipient_count={count}\n\n"
+             helo_name=mx.example.com\nsender={sender}\nrecipient={rcpt}\nrecipient_count={count}\n\n"
         );
         s.get_mut()
             .write_all(req.as_bytes())
