@@ -261,6 +261,30 @@ impl Engine {
         Some(self.decide(stage, env, check, verdict, reason, mode))
     }
 
+    /// The connect-stage decision of the milter: the concurrency limit (not
+    /// for allowlisted or loopback clients). The slot, while held, counts
+    /// the connection.
+    pub async fn connect(&self, env: &Envelope) -> (Decision, Option<ratelimit::Slot>) {
+        if self.allowlist.matches(env).is_some() {
+            return (Decision::pass(), None);
+        }
+        let limits = &self.config.ratelimit;
+        let (found, slot) = match Box::pin(ratelimit::connection(limits, env, &self.store)).await {
+            Ok((found, slot)) => (Ok(found), slot),
+            Err(e) => (Err(e), None),
+        };
+        let decision = self
+            .store_check(
+                Stage::Connect,
+                env,
+                ratelimit::CONCURRENCY,
+                found,
+                limits.mode,
+            )
+            .unwrap_or_else(Decision::pass);
+        (decision, slot)
+    }
+
     /// Counts a check that let the request through.
     fn passed(&self, check: &'static str) {
         self.metrics

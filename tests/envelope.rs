@@ -210,3 +210,34 @@ async fn through_postfix_limits_and_allowlist_give_their_codes() {
         assert!(t.data.is_none());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_postfix_a_third_concurrent_connection_gets_421() {
+    use common::smtp::SmtpClient;
+    let s = Stack::start("ratelimit: { concurrent_connections: 2 }", Wire::Both).await;
+    let mut open = Vec::new();
+    let mut last = None;
+    for _ in 0..3 {
+        let (mut c, _) = SmtpClient::connect(s.postfix.smtpd_addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.ehlo("localhost").await.unwrap_or_else(|e| panic!("{e}"));
+        let x = c
+            .xclient(&[("ADDR", "198.51.100.1"), ("NAME", "[UNAVAILABLE]")])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Postfix runs the milter's connect stage again for the posed client.
+        last = Some(match c.ehlo("mx.example.com").await {
+            Ok(r) if x.code == 220 => r,
+            Ok(_) | Err(_) => x,
+        });
+        open.push(c);
+    }
+    let last = last.unwrap_or_else(|| panic!("no reply"));
+    // At the connect stage Postfix sends its own text with the milter's 421.
+    assert_eq!(last.code, 421, "{last}");
+    let series =
+        r#"mxguard_check_decisions_total{check="concurrency",mode="enforce",verdict="tempfail"}"#;
+    assert_eq!(s.mxguard.metric(series).await, 1.0);
+    drop(open);
+}

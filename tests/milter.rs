@@ -279,3 +279,76 @@ async fn unix_socket_milter() {
     assert!(actions.has_insert_header(0, "X-Mxguard", any()));
     drop(d);
 }
+
+#[tokio::test]
+async fn concurrent_connections_past_the_limit_get_421_at_connect() {
+    let d = Mxguard::start(
+        "ratelimit: { concurrent_connections: 2 }\nallowlist: { entries: [192.0.2.0/24] }",
+    )
+    .await;
+    let mut first = open(&d).await;
+    let mut second = open(&d).await;
+    let mut third = open(&d).await;
+    let ip = client("198.51.100.1");
+    assert_eq!(
+        first
+            .connect("a.example", ip)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
+    assert_eq!(
+        second
+            .connect("a.example", ip)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
+    let refused = third
+        .connect("a.example", ip)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rejected_with(&refused),
+        "421 4.7.0 Too many concurrent connections from 198.51.100.1; please try again later"
+    );
+    // Other clients, allowlisted ones and loopback are not affected.
+    let mut other = open(&d).await;
+    assert_eq!(
+        other
+            .connect("b.example", client("198.51.100.2"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
+    for ip in ["192.0.2.1", "127.0.0.1"] {
+        let mut c = open(&d).await;
+        let mut c2 = open(&d).await;
+        let mut c3 = open(&d).await;
+        for conn in [&mut c, &mut c2, &mut c3] {
+            assert_eq!(
+                conn.connect("x", client(ip))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+                Status::Continue,
+                "{ip}"
+            );
+        }
+    }
+    // A closed connection gives its slot back.
+    first.close().await.unwrap_or_else(|e| panic!("{e}"));
+    drop(third);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = open(&d).await;
+    assert_eq!(
+        again
+            .connect("a.example", ip)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Status::Continue
+    );
+    assert_eq!(
+        d.metric(r#"mxguard_check_decisions_total{check="concurrency",mode="enforce",verdict="tempfail"}"#).await,
+        1.0
+    );
+}

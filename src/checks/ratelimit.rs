@@ -12,6 +12,67 @@ use crate::{
 /// The checks' names in logs and metrics.
 pub const RECIPIENTS: &str = "max_recipients";
 pub const NAME: &str = "ratelimit";
+pub const CONCURRENCY: &str = "concurrency";
+
+/// How long a connection counts if its end is never seen (a crash): the
+/// counter then expires, as the reference's does after 3 minutes.
+const SLOT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// One connection counted against its client; dropping it gives the slot
+/// back.
+pub struct Slot {
+    store: Store,
+    key: Key,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Drop cannot wait: the decrement runs on its own task.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            runtime.spawn(async move {
+                let _ = store.incr(&key, -1, SLOT_LIFETIME).await;
+            });
+        }
+    }
+}
+
+/// Counts a new connection from the client of `env`; past the limit, `421
+/// 4.7.0` (and the connection is not counted).
+pub async fn connection(
+    config: &RatelimitConfig,
+    env: &Envelope,
+    store: &Store,
+) -> Result<(Option<(Verdict, String)>, Option<Slot>), StoreError> {
+    let Some(ip) = env
+        .client_addr
+        .filter(|ip| config.concurrent_connections > 0 && !ip.is_loopback())
+    else {
+        return Ok((None, None));
+    };
+    let key = Key::hashed(CONCURRENCY, &[&ip.to_string()]);
+    let open = store.incr(&key, 1, SLOT_LIFETIME).await?;
+    let slot = Slot {
+        store: store.clone(),
+        key,
+    };
+    if u64::try_from(open).unwrap_or(0) <= config.concurrent_connections {
+        return Ok((None, Some(slot)));
+    }
+    drop(slot);
+    let reply = Reply::new(
+        421,
+        "4.7.0",
+        format!("Too many concurrent connections from {ip}; please try again later"),
+    );
+    Ok((
+        Some((
+            Verdict::Tempfail(reply),
+            format!("connection {open} from {ip}"),
+        )),
+        None,
+    ))
+}
 
 /// `452 4.5.3` for a recipient past the limit (RFC 5321: the client sends
 /// the rest in another message).

@@ -346,6 +346,9 @@ pub struct RatelimitConfig {
     /// its address) to one recipient per `window`; 0 turns it off.
     pub messages_per_recipient: u64,
     pub window: Duration,
+    /// Most SMTP connections at once from one client address (milter front
+    /// end only: the policy protocol sees no connection end); 0 turns it off.
+    pub concurrent_connections: u64,
     /// `enforce` or `report` for these limits alone; `null`: the global `mode`.
     pub mode: Option<Mode>,
 }
@@ -356,6 +359,7 @@ impl Default for RatelimitConfig {
             max_recipients: 50,
             messages_per_recipient: 100,
             window: Duration::from_secs(3600),
+            concurrent_connections: 10,
             mode: None,
         }
     }

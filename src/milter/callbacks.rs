@@ -38,13 +38,17 @@ pub fn make_callbacks(
     in_flight: InFlight,
 ) -> Callbacks<Session> {
     let m_rcpt = metrics.clone();
+    let m_connect = metrics.clone();
     let m_eom = metrics;
     Callbacks::new()
         .on_negotiate(move |cx, actions, opts| {
             let session = Session::new(current.get(), in_flight.clone());
             Box::pin(async move { negotiate(cx, session, actions, opts) })
         })
-        .on_connect(|cx, hostname, info| Box::pin(async move { connect(cx, hostname, info) }))
+        .on_connect(move |cx, hostname, info| {
+            let metrics = m_connect.clone();
+            Box::pin(async move { connect(cx, hostname, info, &metrics).await })
+        })
         .on_helo(|cx, name| Box::pin(async move { helo(cx, name) }))
         .on_mail(|cx, args| Box::pin(async move { mail(cx, args) }))
         .on_rcpt(move |cx, args| {
@@ -121,7 +125,12 @@ fn macro_string(macros: &Macros, name: &CStr) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn connect(cx: &mut Context<Session>, hostname: CString, info: SocketInfo) -> Status {
+async fn connect(
+    cx: &mut Context<Session>,
+    hostname: CString,
+    info: SocketInfo,
+    metrics: &Metrics,
+) -> Status {
     let addr: Option<IpAddr> = match info {
         SocketInfo::Inet(a) => Some(a.ip()),
         _ => macro_string(&cx.macros, c"{client_addr}").and_then(|a| a.parse().ok()),
@@ -129,7 +138,14 @@ fn connect(cx: &mut Context<Session>, hostname: CString, info: SocketInfo) -> St
     let ptr = macro_string(&cx.macros, c"{client_ptr}");
     let session = session!(cx);
     session.connect(&hostname.to_string_lossy(), addr, ptr.as_deref());
-    Status::Continue
+    let verdict = session.check_connection().await;
+    if verdict.is_final() {
+        metrics
+            .requests
+            .with_label_values(&[FRONTEND, verdict.label()])
+            .inc();
+    }
+    answer(&mut cx.reply, &verdict)
 }
 
 fn helo(cx: &mut Context<Session>, name: CString) -> Status {

@@ -22,6 +22,8 @@ pub struct Session {
     in_flight: super::InFlight,
     /// Header values are exchanged with their leading space (exact bytes).
     leading_space: bool,
+    /// This connection, counted against its client while the session lives.
+    _slot: Option<crate::checks::ratelimit::Slot>,
     _counted: SessionGuard,
 }
 
@@ -42,6 +44,7 @@ impl Session {
             message: None,
             in_flight,
             leading_space: false,
+            _slot: None,
             _counted: counted,
         }
     }
@@ -77,6 +80,13 @@ impl Session {
                 .map(str::to_owned),
             ..Envelope::default()
         };
+    }
+
+    /// The connect-stage checks, once the client is known.
+    pub async fn check_connection(&mut self) -> Verdict {
+        let (decision, slot) = self.engine.connect(&self.envelope).await;
+        self._slot = slot;
+        decision.verdict
     }
 
     pub fn helo(&mut self, name: &str) {
