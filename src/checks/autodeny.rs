@@ -119,11 +119,7 @@ pub async fn check(env: &Envelope, store: &Store) -> Result<Option<(Verdict, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{clock::FixedClock, config::StoreConfig};
-    use std::{
-        sync::Arc,
-        time::{Duration, UNIX_EPOCH},
-    };
+    use std::time::Duration;
 
     fn env() -> Envelope {
         Envelope {
@@ -150,18 +146,7 @@ mod tests {
 
     #[tokio::test]
     async fn thresholds_and_lifetimes() -> Result<(), Box<dyn std::error::Error>> {
-        let clock = Arc::new(FixedClock::new(
-            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-        ));
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(
-            &StoreConfig {
-                path: dir.path().join("s.db"),
-                ..StoreConfig::default()
-            },
-            clock.clone(),
-        )
-        .await?;
+        let (store, _dir, clock) = crate::store::test_store().await?;
         let config = AutoDenyConfig::default();
         let attrs = attributes(&env(), None);
 

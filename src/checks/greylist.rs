@@ -175,8 +175,6 @@ pub async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{clock::FixedClock, config::StoreConfig};
-    use std::sync::Arc;
 
     #[test]
     fn root_domains() {
@@ -240,17 +238,6 @@ mod tests {
         assert_eq!(human(Duration::ZERO), "1 second");
     }
 
-    async fn store(
-        clock: Arc<FixedClock>,
-    ) -> Result<(Store, tempfile::TempDir), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let config = StoreConfig {
-            path: dir.path().join("state.db"),
-            ..StoreConfig::default()
-        };
-        Ok((Store::open(&config, clock).await?, dir))
-    }
-
     fn text(v: &Option<(Verdict, String)>) -> Option<String> {
         v.as_ref()
             .and_then(|(v, _)| v.reply())
@@ -260,10 +247,7 @@ mod tests {
     #[tokio::test]
     async fn first_sight_waits_then_passes_for_the_lifetime()
     -> Result<(), Box<dyn std::error::Error>> {
-        let clock = Arc::new(FixedClock::new(
-            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-        ));
-        let (store, _dir) = store(clock.clone()).await?;
+        let (store, _dir, clock) = crate::store::test_store().await?;
         let config = GreylistConfig::default();
         let env = Envelope {
             client_addr: "192.0.2.1".parse().ok(),

@@ -130,11 +130,7 @@ pub async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{clock::FixedClock, config::StoreConfig};
-    use std::{
-        sync::Arc,
-        time::{Duration, UNIX_EPOCH},
-    };
+    use std::time::Duration;
 
     #[test]
     fn the_recipient_after_the_limit_is_deferred() {
@@ -156,18 +152,7 @@ mod tests {
     #[tokio::test]
     async fn message_101_to_one_recipient_in_an_hour_is_refused()
     -> Result<(), Box<dyn std::error::Error>> {
-        let clock = Arc::new(FixedClock::new(
-            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-        ));
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(
-            &StoreConfig {
-                path: dir.path().join("s.db"),
-                ..StoreConfig::default()
-            },
-            clock.clone(),
-        )
-        .await?;
+        let (store, _dir, clock) = crate::store::test_store().await?;
         let config = RatelimitConfig::default();
         let env = Envelope {
             client_addr: "192.0.2.1".parse().ok(),

@@ -411,3 +411,20 @@ fn ttl_ms(ttl: Duration) -> u64 {
         .unwrap_or(u64::MAX / 4)
         .clamp(1, u64::MAX / 4)
 }
+
+/// An embedded store in a temporary directory, on a clock the test moves
+/// (2023-11-14, the reference's test-vector time): for the checks' unit tests.
+#[cfg(test)]
+pub(crate) async fn test_store()
+-> Result<(Store, tempfile::TempDir, Arc<crate::clock::FixedClock>), Box<dyn std::error::Error>> {
+    let clock = Arc::new(crate::clock::FixedClock::new(
+        std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    ));
+    let dir = tempfile::tempdir()?;
+    let config = StoreConfig {
+        path: dir.path().join("state.db"),
+        ..StoreConfig::default()
+    };
+    let store = Store::open(&config, clock.clone()).await?;
+    Ok((store, dir, clock))
+}
