@@ -8,7 +8,7 @@ use crate::{
         allowlist::{self, Allowlist},
         autodeny, backscatter,
         clients::{self, RejectClients},
-        denylist, greylist, ratelimit,
+        denylist, greylist, oplists, ratelimit,
     },
     clock::Clock,
     config::{Config, EnvelopeChecks, Mode},
@@ -16,7 +16,7 @@ use crate::{
     feeds::Feeds,
     metrics::Metrics,
     store::{FailurePolicy, Store},
-    verdict::{Decision, Verdict},
+    verdict::{Decision, Reply, Verdict},
 };
 use std::sync::{Arc, RwLock};
 use tracing::{debug, info};
@@ -28,6 +28,39 @@ pub struct Services {
     pub clock: Arc<dyn Clock>,
     pub store: Store,
     pub feeds: Arc<Feeds>,
+}
+
+pub use crate::checks::oplists::{Entry as ListEntry, List};
+
+/// The operator's run-time lists, for the admin requests of the HTTP
+/// listener (`mxguard deny|allow ...`).
+impl Services {
+    pub async fn list_entries(&self, list: List) -> Result<Vec<ListEntry>, String> {
+        oplists::load(&self.store, list, self.clock.now())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn list_add(
+        &self,
+        list: List,
+        value: &str,
+        ttl: Option<std::time::Duration>,
+        reason: &str,
+    ) -> Result<ListEntry, String> {
+        oplists::add(&self.store, list, value, ttl, reason, self.clock.now()).await
+    }
+
+    pub async fn list_remove(&self, list: List, value: &str) -> Result<bool, String> {
+        oplists::remove(&self.store, list, value, self.clock.now()).await
+    }
+
+    /// The entry a value (an address, a domain, an e-mail address) matches.
+    pub async fn list_test(&self, list: List, value: &str) -> Result<Option<ListEntry>, String> {
+        let env = oplists::envelope_for(value)?;
+        let entries = self.list_entries(list).await?;
+        Ok(oplists::matching(&entries, &env).cloned())
+    }
 }
 
 pub struct Engine {
@@ -142,7 +175,68 @@ impl Engine {
             return d;
         }
         if stage == Stage::Rcpt {
-            let allowed = self.allowlist.matches(env).map(ToString::to_string);
+            let now = self.clock.now();
+            // The operator's run-time lists (`mxguard deny|allow ...`).
+            let lists = Box::pin(async {
+                let allow = oplists::load(&self.store, oplists::List::Allow, now).await?;
+                let deny = oplists::load(&self.store, oplists::List::Deny, now).await?;
+                Ok::<_, crate::store::StoreError>((allow, deny))
+            })
+            .await;
+            let (op_allow, op_deny) = match lists {
+                Ok(lists) => lists,
+                Err(e) => {
+                    let verdict = self.store_failed(oplists::NAME, &e);
+                    if verdict.is_final() {
+                        let reason = format!("state store: {e}");
+                        if let Some(d) =
+                            keep(self.decide(stage, env, oplists::NAME, verdict, reason, None))
+                        {
+                            return d;
+                        }
+                    }
+                    (Vec::new(), Vec::new())
+                }
+            };
+            let allowed = self
+                .allowlist
+                .matches(env)
+                .map(ToString::to_string)
+                .or_else(|| oplists::matching(&op_allow, env).map(|e| e.value.clone()));
+            if allowed.is_none()
+                && let Some(entry) = oplists::matching(&op_deny, env)
+            {
+                let how = if self.config.denylist.removal_url.is_empty() {
+                    "contact the postmaster of the recipient's domain by other means".to_owned()
+                } else {
+                    format!(
+                        "to request removal, visit {}?q={}",
+                        self.config.denylist.removal_url, entry.value
+                    )
+                };
+                let reply = Reply::new(
+                    421,
+                    "4.7.1",
+                    format!("{} is on this server's denylist; {how}", entry.value),
+                );
+                let reason = format!(
+                    "{} is on the operator's denylist {}",
+                    entry.value, entry.reason
+                )
+                .trim_end()
+                .to_owned();
+                let mode = self.config.denylist.mode;
+                if let Some(d) = keep(self.decide(
+                    stage,
+                    env,
+                    oplists::NAME,
+                    Verdict::Tempfail(reply),
+                    reason,
+                    mode,
+                )) {
+                    return d;
+                }
+            }
             if let Some(entry) = &allowed {
                 // Logged and counted like any decision; the checks go on.
                 let reason = format!("allowlisted by {entry}: greylisting and rate limits skipped");
@@ -163,7 +257,6 @@ impl Engine {
                 }
             }
             if allowed.is_none() {
-                let now = self.clock.now();
                 let listed = denylist::check(&self.config.denylist, &self.feeds.denylist, env, now);
                 if let Some((verdict, reason)) = listed {
                     let mode = self.config.denylist.mode;

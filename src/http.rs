@@ -1,9 +1,16 @@
 //! A deliberately small HTTP/1.x listener for `/metrics` (Prometheus text
-//! format) and `/healthz`. One request per connection, bounded in size and
-//! time; anything else gets a plain error status.
+//! format), `/healthz`, and the operator's list requests of `mxguard
+//! deny|allow` (`/lists/...`, from loopback clients only). One request per
+//! connection, bounded in size and time; anything else gets a plain error
+//! status.
 
-use crate::{metrics::Metrics, net::Listener};
-use std::{sync::Arc, time::Duration};
+use crate::{
+    config::Duration as ConfigDuration,
+    engine::{List, Services},
+    metrics::Metrics,
+    net::{Listener, Stream},
+};
+use std::time::Duration;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::watch,
@@ -15,7 +22,7 @@ const MAX_REQUEST: usize = 8192;
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 
-pub async fn serve(listener: Listener, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) {
+pub async fn serve(listener: Listener, services: Services, stop: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
     let mut stop_wait = stop.clone();
     loop {
@@ -23,9 +30,9 @@ pub async fn serve(listener: Listener, metrics: Arc<Metrics>, stop: watch::Recei
             _ = crate::net::stopping(&mut stop_wait) => break,
             accepted = listener.accept() => match accepted {
                 Ok(mut stream) if connections.len() < MAX_CONNECTIONS => {
-                    let metrics = metrics.clone();
+                    let services = services.clone();
                     connections.spawn(async move {
-                        if tokio::time::timeout(TIMEOUT, respond(&mut stream, &metrics)).await.is_err() {
+                        if tokio::time::timeout(TIMEOUT, respond(&mut stream, &services)).await.is_err() {
                             debug!("http: request timed out");
                         }
                     });
@@ -41,7 +48,8 @@ pub async fn serve(listener: Listener, metrics: Arc<Metrics>, stop: watch::Recei
     }
 }
 
-async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
+async fn respond(stream: &mut Stream, services: &Services) {
+    let metrics: &Metrics = &services.metrics;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
@@ -83,6 +91,25 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
         ("GET" | "HEAD", "/healthz") => {
             write(stream, "200 OK", "text/plain", "ok\n", head_only).await
         }
+        (_, p) if p.starts_with("/lists/") => {
+            let (status, body) = if from_loopback(stream) {
+                // Boxed: the store's future types nest deep enough to overflow
+                // the compiler's layout queries for the connection tasks.
+                Box::pin(lists(
+                    services,
+                    method,
+                    p,
+                    target.split_once('?').map_or("", |(_, q)| q),
+                ))
+                .await
+            } else {
+                (
+                    "403 Forbidden",
+                    "list requests are taken from loopback clients only\n".to_owned(),
+                )
+            };
+            write(stream, status, "text/plain; charset=utf-8", &body, false).await
+        }
         ("GET" | "HEAD", _) => {
             write(
                 stream,
@@ -109,12 +136,138 @@ async fn respond(stream: &mut crate::net::Stream, metrics: &Metrics) {
     }
 }
 
+fn from_loopback(stream: &Stream) -> bool {
+    match stream {
+        Stream::Tcp(s) => s.peer_addr().is_ok_and(|a| a.ip().is_loopback()),
+        Stream::Unix(_) => true,
+    }
+}
+
+/// `GET /lists/NAME`, `POST /lists/NAME/add?value=V[&for=30d][&reason=R]`,
+/// `POST /lists/NAME/del?value=V`, `GET /lists/NAME/test?value=V`.
+async fn lists(
+    services: &Services,
+    method: &str,
+    path: &str,
+    query: &str,
+) -> (&'static str, String) {
+    let mut parts = path.trim_start_matches("/lists/").splitn(2, '/');
+    let list = match parts.next() {
+        Some("deny") => List::Deny,
+        Some("allow") => List::Allow,
+        _ => {
+            return (
+                "404 Not Found",
+                "no such list: try /lists/deny or /lists/allow\n".to_owned(),
+            );
+        }
+    };
+    let params: Vec<(String, String)> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let value = param("value").unwrap_or("");
+    let result = match (method, parts.next().unwrap_or("")) {
+        ("GET", "") => services.list_entries(list).await.map(|entries| {
+            let lines: String = entries.iter().map(|e| e.line() + "\n").collect();
+            ("200 OK", lines)
+        }),
+        ("POST", "add") => {
+            let ttl = match param("for").map(str::parse::<ConfigDuration>).transpose() {
+                Ok(t) => t.map(ConfigDuration::get),
+                Err(e) => return ("400 Bad Request", format!("{e}\n")),
+            };
+            let reason = param("reason").unwrap_or("");
+            services
+                .list_add(list, value, ttl, reason)
+                .await
+                .map(|e| ("200 OK", format!("added {}\n", e.line())))
+        }
+        ("POST", "del") => services.list_remove(list, value).await.map(|removed| {
+            if removed {
+                ("200 OK", format!("removed {value}\n"))
+            } else {
+                (
+                    "404 Not Found",
+                    format!("{value} is not on the {} list\n", list.name()),
+                )
+            }
+        }),
+        ("GET", "test") => services.list_test(list, value).await.map(|hit| match hit {
+            Some(e) => ("200 OK", format!("{value} matches {}\n", e.line())),
+            None => (
+                "404 Not Found",
+                format!("no entry of the {} list matches {value}\n", list.name()),
+            ),
+        }),
+        _ => {
+            return (
+                "405 Method Not Allowed",
+                "unknown list request\n".to_owned(),
+            );
+        }
+    };
+    result.unwrap_or_else(|e| {
+        let status = if e.starts_with('`') {
+            "400 Bad Request"
+        } else {
+            "503 Service Unavailable"
+        };
+        (status, format!("{e}\n"))
+    })
+}
+
+/// `%41` → `A`, `+` → space; invalid escapes are kept as they are.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
+}
+
+/// The inverse, for the CLI: every byte but unreserved ones escaped.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
 async fn write(
-    stream: &mut crate::net::Stream,
+    stream: &mut Stream,
     status: &str,
     content_type: &str,
     body: &str,
@@ -129,4 +282,53 @@ async fn write(
         stream.write_all(body.as_bytes()).await?;
     }
     stream.shutdown().await
+}
+
+/// The client side of the list requests, for `mxguard deny|allow`: one
+/// request to the daemon's HTTP listener; (status code, body).
+pub fn request(
+    addr: &crate::config::ListenAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let crate::config::ListenAddr::Inet { host, port } = addr else {
+        return Err(std::io::Error::other("http.listen must be inet:HOST:PORT"));
+    };
+    let mut s = std::net::TcpStream::connect((host.as_str(), *port))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{percent_decode, percent_encode};
+
+    #[test]
+    fn percent_coding_round_trips() {
+        for s in [
+            "a@b.example",
+            "spam run: 30% off+more",
+            "é/?&=#",
+            "%zz",
+            "%4",
+            "",
+        ] {
+            assert_eq!(percent_decode(&percent_encode(s)), s, "{s}");
+        }
+        assert_eq!(percent_decode("a%40b+c%zz%4"), "a@b c%zz%4");
+    }
 }

@@ -186,7 +186,7 @@ pub async fn run(
     });
     let http_task = listeners
         .http
-        .map(|l| tokio::spawn(http::serve(l, metrics.clone(), stop_rx.clone())));
+        .map(|l| tokio::spawn(http::serve(l, services.clone(), stop_rx.clone())));
 
     info!(version = VERSION, config = %file.path.display(), mode = %file.config.mode, "mxguard started");
     let mut running = file;

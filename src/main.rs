@@ -40,6 +40,42 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Manage the run-time denylist of the running daemon (through http.listen).
+    Deny {
+        #[command(subcommand)]
+        action: ListAction,
+        /// Configuration file (for http.listen).
+        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
+        config: PathBuf,
+    },
+    /// Manage the run-time allowlist of the running daemon (through http.listen).
+    Allow {
+        #[command(subcommand)]
+        action: ListAction,
+        /// Configuration file (for http.listen).
+        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListAction {
+    /// Add an IP address, CIDR block, domain or e-mail address.
+    Add {
+        value: String,
+        /// Remove it again after this long (30m, 12h, 30d, ...); default: never.
+        #[arg(long = "for", value_name = "DURATION")]
+        ttl: Option<String>,
+        /// A note kept with the entry.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Remove an entry.
+    Del { value: String },
+    /// Print every entry: value, expiry (Unix time or never), reason.
+    List,
+    /// Say which entry, if any, matches an address, domain or e-mail address.
+    Test { value: String },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +92,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Deny { action, config } => list_command(&config, "deny", action),
+        Command::Allow { action, config } => list_command(&config, "allow", action),
         Command::Run { config } => {
             let file = match ConfigFile::load(&config) {
                 Ok(f) => f,
@@ -121,6 +159,63 @@ async fn run(file: ConfigFile) -> Result<(), Box<dyn Error>> {
     };
     mxguard::run(listeners, file, reload_rx, shutdown).await?;
     Ok(())
+}
+
+/// One list request to the running daemon. Exit 0 on success, 1 when the
+/// entry is not there (del, test) or the daemon cannot be reached.
+fn list_command(config: &std::path::Path, list: &str, action: ListAction) -> ExitCode {
+    let file = match ConfigFile::load(config) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mxguard: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(addr) = file.config.http.listen.clone() else {
+        eprintln!(
+            "mxguard: http.listen is off in {}: the lists are managed through it",
+            config.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let enc = mxguard::http::percent_encode;
+    let (method, path) = match &action {
+        ListAction::Add { value, ttl, reason } => {
+            let ttl = ttl
+                .as_deref()
+                .map(|t| format!("&for={}", enc(t)))
+                .unwrap_or_default();
+            (
+                "POST",
+                format!(
+                    "/lists/{list}/add?value={}{ttl}&reason={}",
+                    enc(value),
+                    enc(reason)
+                ),
+            )
+        }
+        ListAction::Del { value } => ("POST", format!("/lists/{list}/del?value={}", enc(value))),
+        ListAction::List => ("GET", format!("/lists/{list}")),
+        ListAction::Test { value } => ("GET", format!("/lists/{list}/test?value={}", enc(value))),
+    };
+    match mxguard::http::request(&addr, method, &path) {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((404, body)) => {
+            print!("{body}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Ok((code, body)) => {
+            eprint!("mxguard: the daemon answered {code}: {body}");
+            ExitCode::from(if code == 400 { 2 } else { EXIT_FAILURE })
+        }
+        Err(e) => {
+            eprintln!("mxguard: cannot reach the running daemon at {addr} (http.listen): {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn print_error(e: &dyn Error) {

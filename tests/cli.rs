@@ -292,3 +292,89 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     d.expect_log("mxguard started");
     assert!(d.seen.iter().all(|l| !l.contains('\u{1b}')), "{:?}", d.seen);
 }
+
+#[test]
+fn deny_and_allow_lists_are_managed_on_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (policy, http) = (common::ports::free_port(), common::ports::free_port());
+    let path = dir.path().join("mxguard.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "milter: {{ listen: null }}\npolicy: {{ listen: \"inet:127.0.0.1:{policy}\" }}\n\
+             http: {{ listen: \"127.0.0.1:{http}\" }}\nstore: {{ path: \"{}/state.db\" }}\ngreylist: {{ enabled: false }}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cfg = path.display().to_string();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-c", &cfg]);
+        mxguard(&all)
+    };
+    // No daemon yet: a clear failure.
+    let out = run(&["deny", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach the running daemon"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut d = Daemon::start(&path);
+    wait_for_port(policy);
+    wait_for_port(http);
+    d.expect_log("mxguard started");
+
+    let out = run(&[
+        "deny",
+        "add",
+        "198.51.100.7",
+        "--for",
+        "30d",
+        "--reason",
+        "spam run",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("added 198.51.100.7\t"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        run(&["deny", "add", "Spammer@Example.NET"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        policy_answer(policy, "198.51.100.7"),
+        "action=421 4.7.1 198.51.100.7 is on this server's denylist; \
+         contact the postmaster of the recipient's domain by other means\n\n"
+    );
+    let listed = text(&run(&["deny", "list"]).stdout);
+    assert!(
+        listed.contains("198.51.100.7\t") && listed.contains("spam run"),
+        "{listed}"
+    );
+    assert!(listed.contains("spammer@example.net\tnever\t"), "{listed}");
+    assert!(run(&["deny", "test", "198.51.100.7"]).status.success());
+    assert_eq!(run(&["deny", "test", "203.0.113.1"]).status.code(), Some(1));
+    assert_eq!(run(&["deny", "add", "not valid!"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["deny", "add", "192.0.2.1", "--for", "soon"])
+            .status
+            .code(),
+        Some(2)
+    );
+
+    // The allowlist wins over the denylist.
+    assert!(run(&["allow", "add", "198.51.100.0/24"]).status.success());
+    assert_eq!(policy_answer(policy, "198.51.100.7"), "action=DUNNO\n\n");
+    assert!(run(&["allow", "del", "198.51.100.0/24"]).status.success());
+    assert!(run(&["deny", "del", "198.51.100.7"]).status.success());
+    assert_eq!(run(&["deny", "del", "198.51.100.7"]).status.code(), Some(1));
+    assert_eq!(policy_answer(policy, "198.51.100.7"), "action=DUNNO\n\n");
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(Duration::from_secs(10)), Some(0));
+}

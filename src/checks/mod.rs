@@ -8,4 +8,5 @@ pub mod backscatter;
 pub mod clients;
 pub mod denylist;
 pub mod greylist;
+pub mod oplists;
 pub mod ratelimit;
