@@ -354,6 +354,34 @@ impl Engine {
         Some(self.decide(stage, env, check, verdict, reason, mode))
     }
 
+    /// The end-of-message checks of the milter: the daily budgets.
+    pub async fn end_of_message(&self, env: &Envelope, size: u64) -> Decision {
+        let now = self.clock.now();
+        let op_allow = Box::pin(oplists::load(&self.store, oplists::List::Allow, now))
+            .await
+            .unwrap_or_default();
+        let allowlisted =
+            self.allowlist.matches(env).is_some() || oplists::matching(&op_allow, env).is_some();
+        let limits = &self.config.ratelimit;
+        let checked = Box::pin(ratelimit::daily(
+            limits,
+            env,
+            size,
+            allowlisted,
+            now,
+            &self.store,
+        ))
+        .await;
+        self.store_check(
+            Stage::EndOfMessage,
+            env,
+            ratelimit::DAILY,
+            checked,
+            limits.mode,
+        )
+        .unwrap_or_else(Decision::pass)
+    }
+
     /// The connect-stage decision of the milter: the concurrency limit (not
     /// for allowlisted or loopback clients). The slot, while held, counts
     /// the connection.

@@ -241,3 +241,20 @@ async fn through_postfix_a_third_concurrent_connection_gets_421() {
     assert_eq!(s.mxguard.metric(series).await, 1.0);
     drop(open);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_postfix_a_message_past_the_daily_budget_gets_421_at_end_of_data() {
+    let s = Stack::start("ratelimit: { daily_messages: 1 }", Wire::Both).await;
+    let t = s.send("198.51.100.70", &["alice@example.org"]).await;
+    assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
+    let t = s.send("198.51.100.70", &["alice@example.org"]).await;
+    let data = t.data.unwrap_or_else(|| panic!("no DATA reply"));
+    assert_eq!(data.code, 421, "{data:?}");
+    assert_eq!(
+        data.text(),
+        "4.7.0 Daily limit reached: more than 1 message today from example.com; please try again tomorrow"
+    );
+    s.sink.wait_for(1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.sink.messages().len(), 1);
+}

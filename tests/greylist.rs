@@ -181,7 +181,7 @@ async fn redis_going_away_follows_on_error_and_recovers_without_restart() {
     );
     let text = strict.http_get("/metrics").await.1;
     assert!(
-        text.contains(r#"mxguard_store_failures_total{action="tempfail",check="greylist""#),
+        text.contains(r#"mxguard_store_failures_total{action="tempfail""#),
         "{text}"
     );
     let text = lenient.http_get("/metrics").await.1;

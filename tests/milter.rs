@@ -352,3 +352,58 @@ async fn concurrent_connections_past_the_limit_get_421_at_connect() {
         1.0
     );
 }
+
+/// A whole message on an open connection; the end-of-message status.
+async fn whole_message(conn: &mut TestConnection, body_len: usize) -> Status {
+    conn.mail(["<bob@example.com>"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.rcpt(["<alice@example.org>"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("Subject", " budget")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.body(vec![b'x'; body_len])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.eom().await.unwrap_or_else(|e| panic!("{e}")).1
+}
+
+#[tokio::test]
+async fn daily_budgets_refuse_at_the_end_of_the_message() {
+    let d = Mxguard::start("ratelimit: { daily_messages: 2, daily_bytes: 10KB }").await;
+    let mut conn = open(&d).await;
+    conn.connect("mx.example.com", client("198.51.100.1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(whole_message(&mut conn, 100).await, Status::Accept);
+    assert_eq!(whole_message(&mut conn, 100).await, Status::Accept);
+    assert_eq!(
+        rejected_with(&whole_message(&mut conn, 100).await),
+        "421 4.7.0 Daily limit reached: more than 2 messages today from example.com; please try again tomorrow"
+    );
+    // Bytes: a client of its own, one large message.
+    let mut big = open(&d).await;
+    big.connect("mx.example.net", client("198.51.100.2"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rejected_with(&whole_message(&mut big, 20_000).await),
+        "421 4.7.0 Daily limit reached: more than 10KB today from example.net; please try again tomorrow"
+    );
+    // Allowlisted clients have budgets of their own (none by default).
+    let d = Mxguard::start(
+        "ratelimit: { daily_messages: 1 }\nallowlist: { entries: [198.51.100.0/24] }",
+    )
+    .await;
+    let mut conn = open(&d).await;
+    conn.connect("mx.example.com", client("198.51.100.1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..3 {
+        assert_eq!(whole_message(&mut conn, 10).await, Status::Accept);
+    }
+}

@@ -13,6 +13,69 @@ use crate::{
 pub const RECIPIENTS: &str = "max_recipients";
 pub const NAME: &str = "ratelimit";
 pub const CONCURRENCY: &str = "concurrency";
+pub const DAILY: &str = "daily_budget";
+
+/// Counts a finished message and its size against the client's budgets for
+/// the day (UTC); past one, `421 4.7.0`.
+pub async fn daily(
+    config: &RatelimitConfig,
+    env: &Envelope,
+    size: u64,
+    allowlisted: bool,
+    now: std::time::SystemTime,
+    store: &Store,
+) -> Result<Option<(Verdict, String)>, StoreError> {
+    let (max_messages, max_bytes) = if allowlisted {
+        (
+            config.daily_messages_allowlisted,
+            config.daily_bytes_allowlisted.0,
+        )
+    } else {
+        (config.daily_messages, config.daily_bytes.0)
+    };
+    let Some(who) =
+        identity(env, GreylistKey::Client).filter(|_| max_messages > 0 || max_bytes > 0)
+    else {
+        return Ok(None);
+    };
+    let day = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
+        .to_string();
+    let two_days = std::time::Duration::from_secs(2 * 86_400);
+    let refuse = |what: String| {
+        let reply = Reply::new(
+            421,
+            "4.7.0",
+            format!(
+                "Daily limit reached: more than {what} today from {who}; please try again tomorrow"
+            ),
+        );
+        Some((
+            Verdict::Tempfail(reply),
+            format!("{who} is past its daily budget of {what}"),
+        ))
+    };
+    if max_messages > 0 {
+        let n = store
+            .incr(&Key::hashed("daily_messages", &[&who, &day]), 1, two_days)
+            .await?;
+        if u64::try_from(n).unwrap_or(0) > max_messages {
+            let plural = if max_messages == 1 { "" } else { "s" };
+            return Ok(refuse(format!("{max_messages} message{plural}")));
+        }
+    }
+    if max_bytes > 0 {
+        let by = i64::try_from(size).unwrap_or(i64::MAX);
+        let n = store
+            .incr(&Key::hashed("daily_bytes", &[&who, &day]), by, two_days)
+            .await?;
+        if u64::try_from(n).unwrap_or(0) > max_bytes {
+            return Ok(refuse(crate::config::Size(max_bytes).to_string()));
+        }
+    }
+    Ok(None)
+}
 
 /// How long a connection counts if its end is never seen (a crash): the
 /// counter then expires, as the reference's does after 3 minutes.

@@ -349,6 +349,13 @@ pub struct RatelimitConfig {
     /// Most SMTP connections at once from one client address (milter front
     /// end only: the policy protocol sees no connection end); 0 turns it off.
     pub concurrent_connections: u64,
+    /// Daily budgets per client (root domain of its verified name, else its
+    /// address), checked at the end of each message by the milter; 0: none.
+    pub daily_messages: u64,
+    pub daily_bytes: Size,
+    /// The same for allowlisted clients.
+    pub daily_messages_allowlisted: u64,
+    pub daily_bytes_allowlisted: Size,
     /// `enforce` or `report` for these limits alone; `null`: the global `mode`.
     pub mode: Option<Mode>,
 }
@@ -360,6 +367,10 @@ impl Default for RatelimitConfig {
             messages_per_recipient: 100,
             window: Duration::from_secs(3600),
             concurrent_connections: 10,
+            daily_messages: 0,
+            daily_bytes: Size(0),
+            daily_messages_allowlisted: 0,
+            daily_bytes_allowlisted: Size(0),
             mode: None,
         }
     }

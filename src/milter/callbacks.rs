@@ -56,11 +56,10 @@ pub fn make_callbacks(
             Box::pin(async move { rcpt(cx, args, &metrics).await })
         })
         .on_data(|cx| Box::pin(async move { with_queue_id(cx) }))
-        // Headers and body are not examined yet; they are requested now so
-        // that the content checks slot in without changing the negotiation.
-        .on_header(|_, _, _| Box::pin(async { Status::Continue }))
+        // Headers and body are only measured so far (daily byte budgets).
+        .on_header(|cx, name, value| Box::pin(async move { header(cx, name, value) }))
         .on_eoh(|cx| Box::pin(async move { with_queue_id(cx) }))
-        .on_body(|_, _| Box::pin(async { Status::Continue }))
+        .on_body(|cx, chunk| Box::pin(async move { body(cx, chunk) }))
         .on_eom(move |cx| {
             let metrics = m_eom.clone();
             Box::pin(async move { eom(cx, &metrics).await })
@@ -194,6 +193,17 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>, metrics: &Metrics) 
     answer(&mut cx.reply, &verdict)
 }
 
+fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Status {
+    // "Name: value\r\n": the message's size counts against daily budgets.
+    session!(cx).add_size(name.as_bytes().len() + value.as_bytes().len() + 4);
+    Status::Continue
+}
+
+fn body(cx: &mut Context<Session>, chunk: bytes::Bytes) -> Status {
+    session!(cx).add_size(chunk.len());
+    Status::Continue
+}
+
 fn with_queue_id(cx: &mut Context<Session>) -> Status {
     let queue_id = macro_string(&cx.macros, c"i");
     session!(cx).set_queue_id(queue_id);
@@ -205,14 +215,18 @@ async fn eom(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status {
     let session = session!(cx);
     session.set_queue_id(queue_id);
     let span = span_for(session);
-    let _entered = span.enter();
+    eom_in_span(cx, metrics).instrument(span).await
+}
+
+async fn eom_in_span(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status {
+    let session = session!(cx);
     let started = Instant::now();
-    let outcome = session.end_of_message();
+    let outcome = session.end_of_message().await;
     session.reset_message();
-    let session_leading_space = session.leading_space();
+    let leading_space = session.leading_space();
     for (name, value) in &outcome.insert_headers {
         // With LEADING_SPACE negotiated the MTA adds no space after the colon.
-        let value = if session_leading_space {
+        let value = if leading_space {
             format!(" {value}")
         } else {
             value.clone()

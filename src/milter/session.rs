@@ -22,6 +22,8 @@ pub struct Session {
     in_flight: super::InFlight,
     /// Header values are exchanged with their leading space (exact bytes).
     leading_space: bool,
+    /// Bytes of the message so far (headers and body, as the milter sees them).
+    size: u64,
     /// This connection, counted against its client while the session lives.
     _slot: Option<crate::checks::ratelimit::Slot>,
     _counted: SessionGuard,
@@ -44,6 +46,7 @@ impl Session {
             message: None,
             in_flight,
             leading_space: false,
+            size: 0,
             _slot: None,
             _counted: counted,
         }
@@ -124,7 +127,30 @@ impl Session {
         Verdict::Continue
     }
 
-    pub fn end_of_message(&mut self) -> EndOfMessage {
+    /// Counts bytes of the message (a header, a body chunk).
+    pub fn add_size(&mut self, bytes: usize) {
+        self.size = self
+            .size
+            .saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    pub async fn end_of_message(&mut self) -> EndOfMessage {
+        let decision = self.engine.end_of_message(&self.envelope, self.size).await;
+        if decision.verdict.is_final() {
+            info!(
+                queue_id = show(&self.envelope.queue_id),
+                client = %self.envelope.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                sender = show(&self.envelope.sender),
+                recipients = %self.recipients.join(","),
+                verdict = decision.verdict.label(),
+                check = decision.check,
+                "message refused"
+            );
+            return EndOfMessage {
+                insert_headers: Vec::new(),
+                verdict: decision.verdict,
+            };
+        }
         let mut insert_headers = Vec::new();
         if self.engine.config().milter.trace_header {
             insert_headers.push((
@@ -154,6 +180,7 @@ impl Session {
         self.envelope.recipient = None;
         self.envelope.sasl_username = None;
         self.recipients.clear();
+        self.size = 0;
         self.message = None;
     }
 }
