@@ -111,18 +111,24 @@ impl Feed {
         self.len() == 0
     }
 
-    /// Reads the file and puts it in force; on failure the last good copy
-    /// stays. Returns the number of entries in force, or why nothing changed.
+    /// Reads the file (or fetches the URL) and puts it in force; on failure
+    /// the last good copy stays. Returns the number of entries in force, or
+    /// why nothing changed.
     pub async fn load(&self, now: SystemTime) -> Result<usize, String> {
-        let path = self.config.path.clone();
-        let text = tokio::fs::read(&path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let parsed = parse(&String::from_utf8_lossy(&text));
+        let (origin, bytes) = match (&self.config.path, &self.config.url) {
+            (Some(path), _) => {
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                (path.display().to_string(), bytes)
+            }
+            (None, Some(url)) => (url.clone(), fetch(url).await?),
+            (None, None) => return Err("the feed has neither a path nor a url".into()),
+        };
+        let parsed = parse(&String::from_utf8_lossy(&gunzip_if_needed(bytes)?));
         if parsed.addrs.is_empty() && parsed.nets.is_empty() {
             return Err(format!(
-                "{} holds no address ({} lines not understood); keeping the last good copy",
-                path.display(),
+                "{origin} holds no address ({} lines not understood); keeping the last good copy",
                 parsed.skipped
             ));
         }
@@ -136,6 +142,63 @@ impl Feed {
         *self.entries.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         Ok(n)
     }
+}
+
+/// Longest a feed download may take, and the most it may weigh (the largest
+/// public rbldnsd zones are a few tens of megabytes unpacked).
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+const MAX_FEED_BYTES: usize = 256 << 20;
+
+async fn fetch(url: &str) -> Result<Vec<u8>, String> {
+    let client = reqwest::Client::builder()
+        .timeout(FETCH_TIMEOUT)
+        .user_agent(concat!("mxguard/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot set up an HTTP client: {e}"))?;
+    let mut response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!(
+            "fetching {url}: the server answered {}",
+            response.status()
+        ));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("fetching {url}: {e}"))?
+    {
+        if body.len() + chunk.len() > MAX_FEED_BYTES {
+            return Err(format!("{url} is larger than {} MB", MAX_FEED_BYTES >> 20));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Unpacks a gzip stream (known by its magic bytes, whatever the file is
+/// called or served as), with the same size bound.
+fn gunzip_if_needed(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes);
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes.as_slice())
+        .take(MAX_FEED_BYTES as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("cannot unpack gzip: {e}"))?;
+    if out.len() > MAX_FEED_BYTES {
+        return Err(format!(
+            "the feed unpacks to more than {} MB",
+            MAX_FEED_BYTES >> 20
+        ));
+    }
+    Ok(out)
 }
 
 /// The new file's entries, plus those that dropped out of it, each listed

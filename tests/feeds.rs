@@ -229,3 +229,78 @@ async fn through_postfix_denylisted_get_421_and_backscatter_554() {
         assert!(s.sink.messages().is_empty(), "{wire:?}");
     }
 }
+
+/// A one-route HTTP server for feeds: serves whatever `body` holds now, or
+/// 404 when it is empty.
+async fn feed_server(body: std::sync::Arc<std::sync::Mutex<Vec<u8>>>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+            let now = body.lock().map(|b| b.clone()).unwrap_or_default();
+            let head = if now.is_empty() {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_owned()
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    now.len()
+                )
+            };
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&now).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn feeds_are_fetched_from_urls_gzipped_or_not() {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b"# rbldnsd\n:127.0.0.2:listed\n198.51.100.7\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let body = std::sync::Arc::new(std::sync::Mutex::new(
+        gz.finish().unwrap_or_else(|e| panic!("{e}")),
+    ));
+    let addr = feed_server(body.clone()).await;
+    let d = Mxguard::start(&format!(
+        "denylist: {{ feeds: [{{ name: web, url: \"http://{addr}/dnsbl.gz\", refresh: 300ms }}] }}"
+    ))
+    .await;
+    assert!(
+        d.ask_rcpt("198.51.100.7", "unknown", "a@example.org", 0)
+            .await
+            .contains("is listed on web")
+    );
+    // The server fails: the last good copy stays.
+    if let Ok(mut b) = body.lock() {
+        b.clear();
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        d.ask_rcpt("198.51.100.7", "unknown", "a@example.org", 0)
+            .await
+            .contains("is listed on web")
+    );
+    assert!(
+        d.metric(r#"mxguard_feed_loads_total{feed="web",result="error"}"#)
+            .await
+            >= 1.0
+    );
+    // Plain text works too.
+    if let Ok(mut b) = body.lock() {
+        *b = b"203.0.113.77\n".to_vec();
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        d.ask_rcpt("203.0.113.77", "unknown", "a@example.org", 0)
+            .await
+            .contains("is listed on web")
+    );
+}

@@ -261,7 +261,12 @@ impl Serialize for AllowEntry {
 pub struct FeedConfig {
     /// Named in replies, logs and metrics.
     pub name: String,
-    pub path: PathBuf,
+    /// A file another program refreshes...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// ...or an http(s) URL mxguard fetches itself (gzip is unpacked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// How often the file is read again.
     #[serde(default = "default_feed_refresh")]
     pub refresh: Duration,
@@ -628,12 +633,28 @@ impl Config {
             if !names.insert(f.name.as_str()) {
                 return Err(format!("feed name `{}` is used twice", f.name));
             }
-            if !f.path.is_absolute() {
-                return Err(format!(
-                    "feed `{}`: path {} must be absolute",
-                    f.name,
-                    f.path.display()
-                ));
+            match (&f.path, &f.url) {
+                (Some(p), None) if p.is_absolute() => {}
+                (Some(p), None) => {
+                    return Err(format!(
+                        "feed `{}`: path {} must be absolute",
+                        f.name,
+                        p.display()
+                    ));
+                }
+                (None, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {}
+                (None, Some(u)) => {
+                    return Err(format!(
+                        "feed `{}`: url `{u}` must be http:// or https://",
+                        f.name
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "feed `{}`: give exactly one of path and url",
+                        f.name
+                    ));
+                }
             }
         }
         if self
@@ -775,6 +796,26 @@ mod tests {
         assert!(e.contains("must be at least 512"), "{e}");
         let e = err("dns: { nameservers: [\"nowhere\"] }\n");
         assert!(e.contains("invalid name server `nowhere`"), "{e}");
+    }
+
+    #[test]
+    fn a_feed_has_a_path_or_a_url() {
+        let e = err("denylist: { feeds: [{ name: a, path: /x, url: \"http://h/x\" }] }");
+        assert!(
+            e.contains("feed `a`: give exactly one of path and url"),
+            "{e}"
+        );
+        let e = err("denylist: { feeds: [{ name: a }] }");
+        assert!(e.contains("give exactly one of path and url"), "{e}");
+        let e = err("denylist: { feeds: [{ name: a, url: \"ftp://h/x\" }] }");
+        assert!(e.contains("must be http:// or https://"), "{e}");
+        let e = err("denylist: { feeds: [{ name: a, path: x }, { name: a, path: /y }] }");
+        assert!(
+            e.contains("must be absolute") || e.contains("used twice"),
+            "{e}"
+        );
+        let e = err("denylist: { feeds: [{ name: a, path: /x }, { name: a, path: /y }] }");
+        assert!(e.contains("feed name `a` is used twice"), "{e}");
     }
 
     #[test]
