@@ -101,3 +101,77 @@ async fn a_sender_found_sending_spam_five_times_is_refused_with_421() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_postfix_denylisted_attributes_and_operator_entries_get_421() {
+    use common::stack::{Stack, Wire};
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("redis: {e}"));
+    let s = Stack::start(
+        &format!(
+            "store: {{ backend: redis, url: \"{}\" }}\ndenylist: {{ removal_url: \"https://mx.example.org/unlist\" }}",
+            redis.url()
+        ),
+        Wire::Both,
+    )
+    .await;
+    // Automatic: the client's verified name (mail.example.com, as the
+    // harness poses) was found sending spam ten times.
+    let store_config = StoreConfig {
+        backend: StoreBackend::Redis,
+        url: Some(redis.url()),
+        ..StoreConfig::default()
+    };
+    let store = Store::open(&store_config, Arc::new(SystemClock))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let attrs = vec!["mail.example.com".to_owned()];
+    for _ in 0..10 {
+        autodeny::record(
+            &AutoDenyConfig::default(),
+            &store,
+            &attrs,
+            Finding::Spam,
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let t = s.send("198.51.100.80", &["alice@example.org"]).await;
+    assert_eq!(t.rcpts[0].code, 421, "{t:?}");
+    assert!(
+        t.rcpts[0].text().ends_with("mail.example.com is temporarily denylisted here after sending spam; please try again later"),
+        "{t:?}"
+    );
+
+    // The operator's list, through the admin request `mxguard deny add` makes.
+    let s = Stack::start(
+        "denylist: { removal_url: \"https://mx.example.org/unlist\" }",
+        Wire::Both,
+    )
+    .await;
+    let added = post(s.mxguard.http_addr(), "/lists/deny/add?value=198.51.100.81").await;
+    assert!(added.starts_with("HTTP/1.1 200"), "{added}");
+    let t = s.send("198.51.100.81", &["alice@example.org"]).await;
+    assert_eq!(t.rcpts[0].code, 421, "{t:?}");
+    assert!(
+        t.rcpts[0].text().ends_with(
+            "198.51.100.81 is on this server's denylist; to request removal, visit https://mx.example.org/unlist?q=198.51.100.81"
+        ),
+        "{t:?}"
+    );
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    out
+}
