@@ -25,6 +25,8 @@ use tracing::{debug, info};
 #[derive(Clone)]
 pub struct Services {
     pub metrics: Arc<Metrics>,
+    /// The DNS resolver, with SPF, DKIM, ARC and DMARC on top.
+    pub auth: Arc<mail_auth::MessageAuthenticator>,
     pub clock: Arc<dyn Clock>,
     pub store: Store,
     pub feeds: Arc<Feeds>,
@@ -66,6 +68,7 @@ impl Services {
 pub struct Engine {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    auth: Arc<mail_auth::MessageAuthenticator>,
     clock: Arc<dyn Clock>,
     store: Store,
     feeds: Arc<Feeds>,
@@ -80,6 +83,7 @@ impl Engine {
     pub fn new(config: Arc<Config>, services: Services) -> Self {
         let Services {
             metrics,
+            auth,
             clock,
             store,
             feeds,
@@ -95,6 +99,7 @@ impl Engine {
         Self {
             config,
             metrics,
+            auth,
             clock,
             store,
             feeds,
@@ -198,11 +203,14 @@ impl Engine {
                     (Vec::new(), Vec::new())
                 }
             };
-            let allowed = self
+            let mut allowed = self
                 .allowlist
                 .matches(env)
                 .map(ToString::to_string)
                 .or_else(|| oplists::matching(&op_allow, env).map(|e| e.value.clone()));
+            if allowed.is_none() {
+                allowed = Box::pin(self.spf_allowlisted(env)).await;
+            }
             if allowed.is_none()
                 && let Some(entry) = oplists::matching(&op_deny, env)
             {
@@ -352,6 +360,23 @@ impl Engine {
             }
         };
         Some(self.decide(stage, env, check, verdict, reason, mode))
+    }
+
+    /// An allowlist domain entry that the envelope sender's domain falls
+    /// under, once SPF passes for that domain and the client.
+    async fn spf_allowlisted(&self, env: &Envelope) -> Option<String> {
+        let entry = self.allowlist.sender_domain_entry(env)?;
+        let (ip, sender) = (env.client_addr?, env.sender.as_deref()?);
+        let helo = env.helo.as_deref().unwrap_or("");
+        let params = mail_auth::spf::verify::SpfParameters::verify_mail_from(
+            ip,
+            helo,
+            &self.hostname,
+            sender,
+        );
+        let spf = self.auth.verify_spf(params).await;
+        (spf.result() == mail_auth::SpfResult::Pass)
+            .then(|| format!("{entry} (SPF pass for {sender})"))
     }
 
     /// The end-of-message checks of the milter: the daily budgets.
@@ -520,8 +545,13 @@ mod tests {
         let mut config = Config::parse(yaml, "test")?;
         config.store.path = dir.path().join("state.db");
         let store = Store::open(&config.store, Arc::new(SystemClock)).await?;
+        let dns = crate::config::DnsConfig {
+            nameservers: vec!["127.0.0.1:9".into()],
+            ..Default::default()
+        };
         let services = Services {
             metrics: Arc::new(Metrics::new()?),
+            auth: Arc::new(crate::dns::authenticator(&dns)?),
             clock: Arc::new(SystemClock),
             store,
             feeds: Arc::new(Feeds::default()),

@@ -8,6 +8,7 @@
 pub mod checks;
 pub mod clock;
 pub mod config;
+pub mod dns;
 pub mod engine;
 pub mod envelope;
 pub mod feeds;
@@ -101,6 +102,8 @@ impl Listeners {
 
 #[derive(Debug, Error)]
 pub enum RunError {
+    #[error("{0}")]
+    Dns(String),
     #[error("cannot open the state store: {0}")]
     Store(#[from] store::StoreError),
     #[error("cannot set up metrics: {0}")]
@@ -133,8 +136,10 @@ pub async fn run(
     for feed in feeds.all() {
         feeds::refresh(feed, clock.now(), &metrics).await;
     }
+    let auth = Arc::new(dns::authenticator(&file.config.dns).map_err(RunError::Dns)?);
     let services = engine::Services {
         metrics: metrics.clone(),
+        auth,
         clock: clock.clone(),
         store: store.clone(),
         feeds,

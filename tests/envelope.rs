@@ -258,3 +258,57 @@ async fn through_postfix_a_message_past_the_daily_budget_gets_421_at_end_of_data
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.sink.messages().len(), 1);
 }
+
+#[tokio::test]
+async fn an_allowlisted_sender_domain_counts_only_with_an_spf_pass() {
+    let dns = common::dns::DnsServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("dns: {e}"));
+    dns.add_txt("example.com", "v=spf1 ip4:198.51.100.0/24 -all");
+    let d = Mxguard::start(&format!(
+        "dns: {{ nameservers: [\"{}\"], timeout: 2s }}\ngreylist: {{ enabled: true }}\n\
+         allowlist: {{ entries: [example.com] }}",
+        dns.addr()
+    ))
+    .await;
+    // SPF passes for example.com from 198.51.100.7: allowlisted, not greylisted.
+    assert_eq!(
+        d.ask_rcpt_from(
+            "198.51.100.7",
+            "unknown",
+            "bob@example.com",
+            "a@example.org",
+            0
+        )
+        .await,
+        "action=DUNNO"
+    );
+    // The same sender from elsewhere (SPF fails): a forgery, greylisted.
+    assert!(
+        d.ask_rcpt_from(
+            "203.0.113.7",
+            "unknown",
+            "bob@example.com",
+            "a@example.org",
+            0
+        )
+        .await
+        .starts_with("action=450 4.7.1 ")
+    );
+    // A sender domain that no entry covers is not even looked up.
+    assert!(
+        d.ask_rcpt_from(
+            "198.51.100.8",
+            "unknown",
+            "bob@mail.example.net",
+            "a@example.org",
+            0
+        )
+        .await
+        .starts_with("action=450 4.7.1 ")
+    );
+    assert!(
+        dns.queries() >= 1,
+        "SPF was looked up through the configured name server"
+    );
+}

@@ -32,16 +32,26 @@ impl Allowlist {
         {
             return Some(e);
         }
-        let name = env
-            .client_name
-            .as_deref()?
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        self.domain_entry(env.client_name.as_deref()?)
+    }
+
+    /// The domain entry a host or mail domain falls under: the name itself,
+    /// its root domain, or a parent domain.
+    fn domain_entry(&self, name: &str) -> Option<&AllowEntry> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
         let root = root_domain(&name);
         self.entries.iter().find(|e| match e {
             AllowEntry::Domain(d) => *d == root || name == *d || name.ends_with(&format!(".{d}")),
             AllowEntry::Net(_) => false,
         })
+    }
+
+    /// The domain entry the envelope sender's domain falls under. A match
+    /// here allowlists only once SPF passes for that domain (the caller
+    /// checks): a sender address alone is forged at will.
+    pub fn sender_domain_entry(&self, env: &Envelope) -> Option<&AllowEntry> {
+        let (_, domain) = env.sender.as_deref()?.rsplit_once('@')?;
+        self.domain_entry(domain)
     }
 }
 
