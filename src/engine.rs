@@ -4,6 +4,7 @@
 //! was current when their request or session began.
 
 use crate::{
+    aliases::{self, Aliases, Outcome, Resolved, TxtCache},
     checks::{
         allowlist::{self, Allowlist},
         autodeny, backscatter,
@@ -30,6 +31,8 @@ pub struct Services {
     pub clock: Arc<dyn Clock>,
     pub store: Store,
     pub feeds: Arc<Feeds>,
+    /// Parsed TXT forwarding rules, kept across reloads.
+    pub txt_cache: Arc<TxtCache>,
 }
 
 pub use crate::checks::oplists::{Entry as ListEntry, List};
@@ -76,8 +79,16 @@ pub struct Engine {
     store_failures: FailurePolicy,
     reject_clients: RejectClients,
     allowlist: Allowlist,
+    aliases: Aliases,
     hostname: String,
 }
+
+/// The check name (metric label) of alias resolution.
+pub const ALIASES: &str = "aliases";
+
+/// How long a forwarding port is remembered for a target: longer than
+/// Postfix keeps a message queued (`maximal_queue_lifetime`, 5 days).
+const ROUTE_TTL: std::time::Duration = std::time::Duration::from_secs(6 * 86_400);
 
 impl Engine {
     pub fn new(config: Arc<Config>, services: Services) -> Self {
@@ -87,7 +98,9 @@ impl Engine {
             clock,
             store,
             feeds,
+            txt_cache,
         } = services;
+        let aliases = Aliases::new(&config, Some(auth.clone()), txt_cache);
         let reject_clients = RejectClients::new(&config.policy.reject_clients);
         let allowlist = Allowlist::new(&config.allowlist.entries, &config.local_domains);
         let hostname = if config.hostname.is_empty() {
@@ -106,8 +119,112 @@ impl Engine {
             store_failures,
             reject_clients,
             allowlist,
+            aliases,
             hostname,
         }
+    }
+
+    pub fn aliases(&self) -> &Aliases {
+        &self.aliases
+    }
+
+    /// Where mail for `address` goes (no log line, no metric).
+    pub async fn resolve_alias(&self, address: &str) -> Resolved {
+        Box::pin(self.aliases.resolve(address)).await
+    }
+
+    /// The alias decision for the envelope's recipient, logged and
+    /// counted: unknown aliases and disabled ones are refused here, at
+    /// RCPT, so nothing is accepted for an address that resolves to nothing.
+    pub async fn alias_decision(
+        &self,
+        stage: Stage,
+        env: &Envelope,
+    ) -> Option<(Decision, Resolved)> {
+        if self.aliases.is_empty() {
+            return None;
+        }
+        let rcpt = env.recipient.as_deref()?;
+        let resolved = self.resolve_alias(rcpt).await;
+        let decision = match &resolved.outcome {
+            Outcome::NotHandled => return Some((Decision::pass(), resolved)),
+            Outcome::Refuse(v) => self.decide(
+                stage,
+                env,
+                ALIASES,
+                v.clone(),
+                resolved.reason.clone(),
+                None,
+            ),
+            Outcome::Forward { .. } | Outcome::Discard => {
+                let label = resolved.label();
+                self.metrics
+                    .check_decisions
+                    .with_label_values(&[ALIASES, label, "enforce"])
+                    .inc();
+                info!(
+                    queue_id = show(&env.queue_id),
+                    client = %display_ip(env),
+                    sender = show(&env.sender),
+                    recipient = rcpt,
+                    %stage,
+                    check = ALIASES,
+                    verdict = label,
+                    "{}",
+                    resolved.reason
+                );
+                Decision::pass()
+            }
+        };
+        Some((decision, resolved))
+    }
+
+    /// Largest message kept in memory for webhooks.
+    pub fn max_webhook_message(&self) -> u64 {
+        50 * 1024 * 1024
+    }
+
+    /// Posts the message to the plan's webhooks (each URL once per
+    /// message, even when the client sends it again): `Continue` when every
+    /// post succeeded or one failed for good while other copies remain, a
+    /// tempfail when one can be retried, a reject when nothing was delivered.
+    pub async fn post_webhooks(
+        &self,
+        plan: &aliases::rewrite::Plan,
+        env: &Envelope,
+        headers: &[(String, String)],
+        raw: &[u8],
+    ) -> Verdict {
+        let _ = (plan, env, headers, raw);
+        Verdict::Tempfail(Reply::new(421, "4.3.0", "webhooks are not available"))
+    }
+
+    /// Whether mail for `domain` is forwarded by mxguard (YAML or DNS
+    /// rules): the socketmap's `domains` map.
+    pub async fn handles_domain(&self, domain: &str) -> Result<bool, String> {
+        Box::pin(self.aliases.handles_domain(domain)).await
+    }
+
+    /// Remembers that forwarded mail for `address` goes out on `port`.
+    pub async fn record_route(
+        &self,
+        address: &str,
+        port: u16,
+    ) -> Result<(), crate::store::StoreError> {
+        let key = crate::store::Key::hashed("route", &[&address.to_lowercase()]);
+        Box::pin(self.store.set(&key, port.to_string().as_bytes(), ROUTE_TTL)).await
+    }
+
+    /// The custom port forwarded mail to `address` must use, if any: the
+    /// socketmap's `transport` map.
+    pub async fn forwarding_port(&self, address: &str) -> Result<Option<u16>, String> {
+        let key = crate::store::Key::hashed("route", &[&address.to_lowercase()]);
+        let found = Box::pin(self.store.get(&key))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(found
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok()))
     }
 
     pub fn config(&self) -> &Config {
@@ -296,6 +413,11 @@ impl Engine {
                 {
                     return d;
                 }
+            }
+            if let Some((d, _)) = Box::pin(self.alias_decision(stage, env)).await
+                && let Some(d) = keep(d)
+            {
+                return d;
             }
             if allowed.is_none() && self.config.greylist.enabled {
                 let now = self.clock.now();
@@ -555,6 +677,7 @@ mod tests {
             clock: Arc::new(SystemClock),
             store,
             feeds: Arc::new(Feeds::default()),
+            txt_cache: Arc::new(TxtCache::new(100)),
         };
         let engine = Engine::new(Arc::new(config), services);
         Ok((engine, dir))

@@ -5,6 +5,7 @@
 //! in-process with [`run`]; the `mxguard` binary is a thin CLI over it. No
 //! stability is promised for this API.
 
+pub mod aliases;
 pub mod checks;
 pub mod clock;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod milter;
 pub mod net;
+pub mod nobounce;
 pub mod policy;
 pub mod store;
 pub mod verdict;
@@ -37,6 +39,9 @@ use std::{
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
+
+/// Domains whose parsed TXT forwarding rules are kept at once.
+const TXT_CACHE_ENTRIES: usize = 10_000;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -143,6 +148,7 @@ pub async fn run(
         clock: clock.clone(),
         store: store.clone(),
         feeds,
+        txt_cache: Arc::new(aliases::TxtCache::new(TXT_CACHE_ENTRIES)),
     };
     let current = Arc::new(CurrentEngine::new(Engine::new(
         Arc::new(file.config.clone()),

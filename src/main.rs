@@ -40,6 +40,16 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Print, as JSON, where mail for ADDRESS goes and why.
+    Resolve {
+        /// Configuration file (its `domains:`; a missing default file means none).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A TXT record of the address's domain, standing in for its DNS (repeatable; no DNS query is sent).
+        #[arg(long = "txt", value_name = "RECORD")]
+        txt: Vec<String>,
+        address: String,
+    },
     /// Manage the run-time denylist of the running daemon (through http.listen).
     Deny {
         #[command(subcommand)]
@@ -78,6 +88,37 @@ enum ListAction {
     Test { value: String },
 }
 
+fn resolve_command(config: Option<PathBuf>, txt: Vec<String>, address: &str) -> ExitCode {
+    let path = config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let loaded = if config.is_none() && !path.exists() {
+        Ok(config::Config::default())
+    } else {
+        ConfigFile::load(&path).map(|f| f.config)
+    };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mxguard: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mxguard: cannot start: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let answer = runtime.block_on(mxguard::aliases::explain(&config, txt, address));
+    println!("{answer}");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -92,6 +133,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Resolve {
+            config,
+            txt,
+            address,
+        } => resolve_command(config, txt, &address),
         Command::Deny { action, config } => list_command(&config, "deny", action),
         Command::Allow { action, config } => list_command(&config, "allow", action),
         Command::Run { config } => {

@@ -47,9 +47,10 @@ fn one_line(s: &str) -> String {
 }
 
 /// The outcome of a check, or of a whole stage.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Verdict {
     /// Nothing to object; go on with the next check or stage.
+    #[default]
     Continue,
     /// Accept without further checks.
     Accept,

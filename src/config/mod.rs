@@ -435,12 +435,34 @@ pub enum Mode {
     Report,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+/// A domain mxguard forwards for. The key `"*"` with `source: dns` makes
+/// every domain with `forward-email=` TXT records one (off unless written).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DomainConfig {
     pub source: DomainSource,
-    /// Rules in the grammar of `forward-email=` TXT records.
+    /// Rules in the grammar of `forward-email=` TXT records (`source: config`).
     pub rules: Vec<String>,
+    /// SMTP port forwarded mail goes out to, as `forward-email-port=` does
+    /// for DNS rules (`source: config`); unset: 25.
+    pub port: Option<u16>,
+    /// Most addresses one alias may forward to.
+    pub max_forwarded: usize,
+    /// HMAC-SHA256 key for the `X-Webhook-Signature` of this domain's
+    /// webhooks; empty: `webhooks.key`.
+    pub webhook_key: String,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        Self {
+            source: DomainSource::Config,
+            rules: Vec::new(),
+            port: None,
+            max_forwarded: crate::aliases::DEFAULT_MAX_FORWARDED,
+            webhook_key: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -619,6 +641,38 @@ impl Config {
         for d in &self.local_domains {
             if !matches!(d.parse::<AllowEntry>(), Ok(AllowEntry::Domain(_))) {
                 return Err(format!("local_domains: `{d}` is not a domain name"));
+            }
+        }
+        for (name, d) in &self.domains {
+            let wildcard = name == "*";
+            if !wildcard && !crate::aliases::grammar::is_fqdn(&name.to_lowercase()) {
+                return Err(format!(
+                    "domains: `{name}` is not a domain name (or `*` for DNS rules of any domain)"
+                ));
+            }
+            if wildcard && d.source != DomainSource::Dns {
+                return Err("domains: `*` needs `source: dns`".into());
+            }
+            if d.source == DomainSource::Dns && (!d.rules.is_empty() || d.port.is_some()) {
+                return Err(format!(
+                    "domains.{name}: `rules` and `port` are for `source: config`; with `source: dns` they come from the TXT records"
+                ));
+            }
+            if d.port == Some(0) {
+                return Err(format!("domains.{name}.port: 0 is not a port"));
+            }
+            if d.max_forwarded == 0 {
+                return Err(format!(
+                    "domains.{name}.max_forwarded is 0: it must be at least 1"
+                ));
+            }
+            let set = crate::aliases::RuleSet::from_rules(
+                &d.rules,
+                d.port,
+                &crate::aliases::Limits::default(),
+            );
+            if let Some(e) = set.errors.first() {
+                return Err(format!("domains.{name}.rules: {e}"));
             }
         }
         let feeds = self.denylist.feeds.iter().chain(&self.backscatter.feed);

@@ -1,7 +1,10 @@
 //! Protocol glue: indymilter callbacks that translate milter stages into
 //! calls on `Session` and verdicts back into milter replies.
 
-use super::{InFlight, session::Session};
+use super::{
+    InFlight,
+    session::{EndOfMessage, Session},
+};
 use crate::{
     engine::CurrentEngine,
     envelope::show,
@@ -56,9 +59,8 @@ pub fn make_callbacks(
             Box::pin(async move { rcpt(cx, args, &metrics).await })
         })
         .on_data(|cx| Box::pin(async move { with_queue_id(cx) }))
-        // Headers and body are only measured so far (daily byte budgets).
         .on_header(|cx, name, value| Box::pin(async move { header(cx, name, value) }))
-        .on_eoh(|cx| Box::pin(async move { with_queue_id(cx) }))
+        .on_eoh(|cx| Box::pin(async move { end_of_headers(cx) }))
         .on_body(|cx, chunk| Box::pin(async move { body(cx, chunk) }))
         .on_eom(move |cx| {
             let metrics = m_eom.clone();
@@ -194,13 +196,20 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>, metrics: &Metrics) 
 }
 
 fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Status {
-    // "Name: value\r\n": the message's size counts against daily budgets.
-    session!(cx).add_size(name.as_bytes().len() + value.as_bytes().len() + 4);
+    session!(cx).header(&name.to_string_lossy(), &value.to_string_lossy());
+    Status::Continue
+}
+
+fn end_of_headers(cx: &mut Context<Session>) -> Status {
+    let queue_id = macro_string(&cx.macros, c"i");
+    let session = session!(cx);
+    session.set_queue_id(queue_id);
+    session.end_of_headers();
     Status::Continue
 }
 
 fn body(cx: &mut Context<Session>, chunk: bytes::Bytes) -> Status {
-    session!(cx).add_size(chunk.len());
+    session!(cx).body(&chunk);
     Status::Continue
 }
 
@@ -224,22 +233,14 @@ async fn eom_in_span(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status 
     let outcome = session.end_of_message().await;
     session.reset_message();
     let leading_space = session.leading_space();
-    for (name, value) in &outcome.insert_headers {
-        // With LEADING_SPACE negotiated the MTA adds no space after the colon.
-        let value = if leading_space {
-            format!(" {value}")
-        } else {
-            value.clone()
-        };
-        if let Err(e) = cx.actions.insert_header(0, name.as_str(), value).await {
-            // Postfix would be left with a half-changed message: tempfail it.
-            error!("milter: cannot add the {name} header: {e}; answering tempfail");
-            metrics
-                .requests
-                .with_label_values(&[FRONTEND, "tempfail"])
-                .inc();
-            return Status::Tempfail;
-        }
+    if let Err(e) = apply(cx, &outcome, leading_space).await {
+        // Postfix would be left with a half-changed message: tempfail it.
+        error!("milter: {e}; answering tempfail");
+        metrics
+            .requests
+            .with_label_values(&[FRONTEND, "tempfail"])
+            .inc();
+        return Status::Tempfail;
     }
     metrics
         .decision_seconds
@@ -254,6 +255,54 @@ async fn eom_in_span(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status 
         .with_label_values(&[FRONTEND, verdict.label()])
         .inc();
     answer(&mut cx.reply, &verdict)
+}
+
+/// Carries out the end-of-message edits: headers, then recipients.
+async fn apply(
+    cx: &mut EomContext<Session>,
+    outcome: &EndOfMessage,
+    leading_space: bool,
+) -> Result<(), String> {
+    if !outcome.verdict.is_final() || outcome.verdict == Verdict::Accept {
+        for (name, index) in &outcome.delete_headers {
+            cx.actions
+                .change_header(name.as_str(), *index, None::<CString>)
+                .await
+                .map_err(|e| format!("cannot delete the {name} header: {e}"))?;
+        }
+        // Inserted at the top one by one: the last insert ends up first.
+        for (name, value) in outcome.insert_headers.iter().rev() {
+            // With LEADING_SPACE negotiated the MTA adds no space after the colon.
+            let value = if leading_space {
+                format!(" {value}")
+            } else {
+                value.clone()
+            };
+            cx.actions
+                .insert_header(0, name.as_str(), value)
+                .await
+                .map_err(|e| format!("cannot add the {name} header: {e}"))?;
+        }
+        for rcpt in &outcome.delete_recipients {
+            cx.actions
+                .delete_recipient(format!("<{rcpt}>"))
+                .await
+                .map_err(|e| format!("cannot remove the recipient {rcpt}: {e}"))?;
+        }
+        for (rcpt, args) in &outcome.add_recipients {
+            let rcpt = format!("<{rcpt}>");
+            let done = match args {
+                Some(a) => {
+                    cx.actions
+                        .add_recipient_ext(rcpt.as_str(), Some(a.as_str()))
+                        .await
+                }
+                None => cx.actions.add_recipient(rcpt.as_str()).await,
+            };
+            done.map_err(|e| format!("cannot add the recipient {rcpt}: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn abort(cx: &mut Context<Session>) -> Status {

@@ -4,10 +4,14 @@
 
 use super::InFlightGuard;
 use crate::{
+    aliases::{
+        Destination, Outcome,
+        rewrite::{self, Plan, Recipient},
+    },
     engine::Engine,
     envelope::{Envelope, Stage, show},
     metrics::SessionGuard,
-    verdict::Verdict,
+    verdict::{Reply, Verdict},
 };
 use std::{net::IpAddr, sync::Arc};
 use tracing::info;
@@ -15,7 +19,15 @@ use tracing::info;
 pub struct Session {
     engine: Arc<Engine>,
     envelope: Envelope,
-    recipients: Vec<String>,
+    recipients: Vec<Recipient>,
+    /// The message's headers as received, bounded (`MAX_HEADER_BYTES`).
+    headers: Vec<(String, String)>,
+    header_bytes: usize,
+    /// The whole message, kept in memory only while some recipient is
+    /// forwarded to a webhook; `None` once over `webhooks.max_message_size`.
+    raw: Option<Vec<u8>>,
+    raw_wanted: bool,
+    raw_too_big: bool,
     /// Held from MAIL FROM to the end or abort of the message, so a stopping
     /// daemon can wait for messages in flight.
     message: Option<InFlightGuard>,
@@ -29,10 +41,20 @@ pub struct Session {
     _counted: SessionGuard,
 }
 
-/// What the end of a message brings: headers to insert at the top, and the
-/// verdict for the message.
+/// Headers kept for the end-of-message decisions; a message with more
+/// header bytes keeps its first ones.
+const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+/// What the end of a message brings: the edits to make, and the verdict
+/// for the message.
+#[derive(Default)]
 pub struct EndOfMessage {
     pub insert_headers: Vec<(String, String)>,
+    /// Existing headers to delete (name, 1-based index), in this order.
+    pub delete_headers: Vec<(String, i32)>,
+    pub delete_recipients: Vec<String>,
+    /// Recipients to add, with their ESMTP arguments (`NOTIFY=NEVER`).
+    pub add_recipients: Vec<(String, Option<String>)>,
     pub verdict: Verdict,
 }
 
@@ -43,6 +65,11 @@ impl Session {
             engine,
             envelope: Envelope::default(),
             recipients: Vec::new(),
+            headers: Vec::new(),
+            header_bytes: 0,
+            raw: None,
+            raw_wanted: false,
+            raw_too_big: false,
             message: None,
             in_flight,
             leading_space: false,
@@ -111,20 +138,102 @@ impl Session {
     }
 
     /// Decides one recipient. The envelope checks run here only for sites
-    /// without the policy front end.
+    /// without the policy front end; the alias resolution always does, as
+    /// the end of the message rewrites with it (and a recipient that
+    /// resolves to nothing is never accepted).
     pub async fn rcpt(&mut self, rcpt: &str) -> Verdict {
         let rcpt = strip_brackets(rcpt).to_owned();
-        if self.engine.milter_runs_envelope_checks() {
-            let mut env = self.envelope.clone();
-            env.recipient = Some(rcpt.clone());
-            env.recipient_count = u32::try_from(self.recipients.len()).unwrap_or(u32::MAX);
+        let mut env = self.envelope.clone();
+        env.recipient = Some(rcpt.clone());
+        env.recipient_count = u32::try_from(self.recipients.len()).unwrap_or(u32::MAX);
+        let resolved = if self.engine.milter_runs_envelope_checks() {
             let decision = self.engine.envelope(Stage::Rcpt, &env).await;
             if decision.verdict.is_final() {
                 return decision.verdict;
             }
+            if self.engine.aliases().is_empty() {
+                None
+            } else {
+                Some(self.engine.resolve_alias(&rcpt).await)
+            }
+        } else if self.engine.aliases().is_empty() {
+            None
+        } else {
+            // The policy service decided (and counted) this recipient; a
+            // refusal here means Postfix is not wired to it, and is then
+            // made, logged and counted here.
+            let resolved = self.engine.resolve_alias(&rcpt).await;
+            if resolved.verdict().is_final()
+                && let Some((decision, _)) = self.engine.alias_decision(Stage::Rcpt, &env).await
+                && decision.verdict.is_final()
+            {
+                return decision.verdict;
+            }
+            Some(resolved)
+        };
+        if let Some(r) = &resolved
+            && let Outcome::Forward { destinations, .. } = &r.outcome
+            && destinations
+                .iter()
+                .any(|d| matches!(d, Destination::Webhook(_)))
+        {
+            self.raw_wanted = true;
         }
-        self.recipients.push(rcpt);
+        self.recipients.push(Recipient {
+            address: rcpt,
+            resolved,
+        });
         Verdict::Continue
+    }
+
+    /// One header as the milter received it.
+    pub fn header(&mut self, name: &str, value: &str) {
+        let line = name.len() + value.len() + 4;
+        self.add_size(line);
+        if self.header_bytes + line <= MAX_HEADER_BYTES {
+            self.header_bytes += line;
+            let value = if self.leading_space {
+                value.strip_prefix(' ').unwrap_or(value)
+            } else {
+                value
+            };
+            self.headers.push((name.to_owned(), value.to_owned()));
+        }
+        if self.raw_wanted {
+            let value = if self.leading_space {
+                value.strip_prefix(' ').unwrap_or(value)
+            } else {
+                value
+            };
+            self.raw_push(format!("{name}: {value}\r\n").as_bytes());
+        }
+    }
+
+    pub fn end_of_headers(&mut self) {
+        if self.raw_wanted {
+            self.raw_push(b"\r\n");
+        }
+    }
+
+    pub fn body(&mut self, chunk: &[u8]) {
+        self.add_size(chunk.len());
+        if self.raw_wanted {
+            self.raw_push(chunk);
+        }
+    }
+
+    fn raw_push(&mut self, bytes: &[u8]) {
+        if self.raw_too_big {
+            return;
+        }
+        let max = self.engine.max_webhook_message();
+        let raw = self.raw.get_or_insert_with(Vec::new);
+        if (raw.len() + bytes.len()) as u64 > max {
+            self.raw = None;
+            self.raw_too_big = true;
+            return;
+        }
+        raw.extend_from_slice(bytes);
     }
 
     /// Counts bytes of the message (a header, a body chunk).
@@ -136,41 +245,113 @@ impl Session {
 
     pub async fn end_of_message(&mut self) -> EndOfMessage {
         let decision = self.engine.end_of_message(&self.envelope, self.size).await;
+        let addresses = || {
+            self.recipients
+                .iter()
+                .map(|r| r.address.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         if decision.verdict.is_final() {
             info!(
                 queue_id = show(&self.envelope.queue_id),
                 client = %self.envelope.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 sender = show(&self.envelope.sender),
-                recipients = %self.recipients.join(","),
+                recipients = %addresses(),
                 verdict = decision.verdict.label(),
                 check = decision.check,
                 "message refused"
             );
             return EndOfMessage {
-                insert_headers: Vec::new(),
                 verdict: decision.verdict,
+                ..EndOfMessage::default()
             };
         }
-        let mut insert_headers = Vec::new();
+        let plan = rewrite::plan(
+            &self.recipients,
+            &self.envelope,
+            &self.headers,
+            self.engine.hostname(),
+        );
+        let mut eom = EndOfMessage::default();
+        if let Some(v) = plan.refuse.clone() {
+            eom.verdict = v;
+            self.log_forwarding(&plan, &eom.verdict);
+            return eom;
+        }
+        if !plan.webhooks.is_empty() {
+            let posted = match (self.raw.as_deref(), self.raw_too_big) {
+                (Some(raw), false) => {
+                    self.engine
+                        .post_webhooks(&plan, &self.envelope, &self.headers, raw)
+                        .await
+                }
+                _ => Verdict::Reject(Reply::new(
+                    552,
+                    "5.3.4",
+                    "Message too big to be delivered to a webhook",
+                )),
+            };
+            if posted.is_final() {
+                self.log_forwarding(&plan, &posted);
+                eom.verdict = posted;
+                return eom;
+            }
+        }
+        for (address, port) in &plan.routes {
+            if let Err(e) = self.engine.record_route(address, *port).await {
+                // Without the route the copy would go out on port 25.
+                eom.verdict = self.engine.store_failed(crate::engine::ALIASES, &e);
+                if eom.verdict.is_final() {
+                    return eom;
+                }
+            }
+        }
+        if plan.nothing_left {
+            eom.verdict = Verdict::Discard;
+            self.log_forwarding(&plan, &eom.verdict);
+            return eom;
+        }
         if self.engine.config().milter.trace_header {
-            insert_headers.push((
+            eom.insert_headers.push((
                 "X-Mxguard".to_owned(),
                 format!("{} {}", self.engine.hostname(), crate::VERSION),
             ));
         }
-        let verdict = Verdict::Continue;
+        eom.insert_headers
+            .extend(plan.insert_headers.iter().cloned());
+        eom.delete_headers = plan.delete_headers.clone();
+        eom.delete_recipients = plan.delete.clone();
+        let args = plan.no_bounce.map(|_| "NOTIFY=NEVER".to_owned());
+        eom.add_recipients = plan.add.iter().map(|a| (a.clone(), args.clone())).collect();
+        self.log_forwarding(&plan, &Verdict::Accept);
         info!(
             queue_id = show(&self.envelope.queue_id),
             client = %self.envelope.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
             sender = show(&self.envelope.sender),
-            recipients = %self.recipients.join(","),
+            recipients = %addresses(),
             verdict = "accept",
             "message checked"
         );
-        EndOfMessage {
-            insert_headers,
-            verdict,
+        eom
+    }
+
+    fn log_forwarding(&self, plan: &Plan, verdict: &Verdict) {
+        if !plan.forwarded && plan.delete.is_empty() {
+            return;
         }
+        info!(
+            queue_id = show(&self.envelope.queue_id),
+            client = %self.envelope.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+            sender = show(&self.envelope.sender),
+            removed = %plan.delete.join(","),
+            added = %plan.add.join(","),
+            webhooks = plan.webhooks.len(),
+            no_bounce = plan.no_bounce.unwrap_or("-"),
+            verdict = verdict.label(),
+            reply = %verdict.reply().map(ToString::to_string).unwrap_or_default(),
+            "forwarding"
+        );
     }
 
     /// The message ended (accepted, refused or aborted): forget it.
@@ -180,6 +361,11 @@ impl Session {
         self.envelope.recipient = None;
         self.envelope.sasl_username = None;
         self.recipients.clear();
+        self.headers.clear();
+        self.header_bytes = 0;
+        self.raw = None;
+        self.raw_wanted = false;
+        self.raw_too_big = false;
         self.size = 0;
         self.message = None;
     }
