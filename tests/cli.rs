@@ -378,3 +378,147 @@ fn deny_and_allow_lists_are_managed_on_the_running_daemon() {
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait(Duration::from_secs(10)), Some(0));
 }
+
+fn resolve(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut all = vec!["resolve"];
+    all.extend_from_slice(args);
+    let out = mxguard(&all);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {} / {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    });
+    (out.status.code(), json)
+}
+
+#[test]
+fn resolve_answers_the_reference_examples_offline() {
+    let cases: &[(&[&str], &str, &str, u16, &[&str], u16)] = &[
+        (
+            &["forward-email=user@gmail.com"],
+            "Hello+News@example.com",
+            "forward",
+            250,
+            &["user+News@gmail.com"],
+            25,
+        ),
+        (
+            &["forward-email=hello:user@gmail.com"],
+            "other@example.com",
+            "reject",
+            550,
+            &[],
+            25,
+        ),
+        (
+            &[r"forward-email=/^([a-z]+)\.([a-z]+)$/:$1.$2@company.com"],
+            "John.Smith@example.com",
+            "forward",
+            250,
+            &["john.smith@company.com"],
+            25,
+        ),
+        (
+            &["forward-email=!alias,user@gmail.com"],
+            "alias@example.com",
+            "discard",
+            250,
+            &[],
+            25,
+        ),
+        (
+            &["forward-email=!!alias"],
+            "alias@example.com",
+            "tempfail",
+            450,
+            &[],
+            25,
+        ),
+        (
+            &["forward-email=!!!alias:user@gmail.com"],
+            "alias@example.com",
+            "reject",
+            550,
+            &[],
+            25,
+        ),
+        (
+            &["forward-email-port=1337", "forward-email=user@gmail.com"],
+            "hello@example.com",
+            "forward",
+            250,
+            &["user@gmail.com"],
+            1337,
+        ),
+        (
+            &["forward-email=hello:https://hooks.example.org/in"],
+            "hello@example.com",
+            "forward",
+            250,
+            &["https://hooks.example.org/in"],
+            25,
+        ),
+    ];
+    for (records, address, verdict, code, targets, port) in cases {
+        let mut args: Vec<&str> = Vec::new();
+        for r in *records {
+            args.push("--txt");
+            args.push(r);
+        }
+        args.push(address);
+        let (status, json) = resolve(&args);
+        assert_eq!(status, Some(0), "{json}");
+        assert_eq!(json["address"], *address, "{json}");
+        assert_eq!(json["verdict"], *verdict, "{json}");
+        assert_eq!(json["code"], *code, "{json}");
+        assert_eq!(json["targets"], serde_json::json!(targets), "{json}");
+        assert_eq!(json["port"], *port, "{json}");
+        assert!(
+            json["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{json}"
+        );
+    }
+    let (_, json) = resolve(&[
+        "--txt",
+        "forward-email=hello:user@gmail.com",
+        "other@example.com",
+    ]);
+    assert_eq!(
+        json["reason"],
+        "5.1.1 other@example.com does not exist (no alias matches and there is no catch-all)"
+    );
+}
+
+#[test]
+fn resolve_uses_the_configured_domains_and_reports_usage_errors() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("mxguard.yaml");
+    std::fs::write(
+        &path,
+        "domains: { example.org: { rules: [\"team:a@example.net,team:b@example.net\"] } }\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let config = path.display().to_string();
+    let (status, json) = resolve(&["-c", &config, "team@example.org"]);
+    assert_eq!(status, Some(0));
+    assert_eq!(
+        json["targets"],
+        serde_json::json!(["a@example.net", "b@example.net"])
+    );
+    let (_, json) = resolve(&["-c", &config, "x@elsewhere.example"]);
+    assert_eq!(json["verdict"], "reject");
+    assert_eq!(
+        json["reason"],
+        "elsewhere.example is not a domain this server forwards for"
+    );
+    assert_eq!(mxguard(&["resolve"]).status.code(), Some(2));
+    std::fs::write(
+        &path,
+        "domains: { example.org: { rules: [\"a:not-an-address\"] } }\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = mxguard(&["resolve", "-c", &config, "a@example.org"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+}
