@@ -395,7 +395,9 @@ fn resolve(args: &[&str]) -> (Option<i32>, serde_json::Value) {
 
 #[test]
 fn resolve_answers_the_reference_examples_offline() {
-    let cases: &[(&[&str], &str, &str, u16, &[&str], u16)] = &[
+    // TXT records, address, verdict, code, targets, port.
+    type Case<'a> = (&'a [&'a str], &'a str, &'a str, u16, &'a [&'a str], u16);
+    let cases: &[Case] = &[
         (
             &["forward-email=user@gmail.com"],
             "Hello+News@example.com",
