@@ -19,6 +19,7 @@ pub mod milter;
 pub mod net;
 pub mod nobounce;
 pub mod policy;
+pub mod socketmap;
 pub mod store;
 pub mod verdict;
 
@@ -67,6 +68,7 @@ impl ConfigFile {
 pub struct Listeners {
     pub milter: Option<Listener>,
     pub policy: Option<Listener>,
+    pub socketmap: Option<Listener>,
     pub http: Option<Listener>,
 }
 
@@ -81,6 +83,10 @@ impl Listeners {
             Some(a) => Some(Listener::bind(a, config.policy.socket_mode).await?),
             None => None,
         };
+        let socketmap = match &config.socketmap.listen {
+            Some(a) => Some(Listener::bind(a, config.socketmap.socket_mode).await?),
+            None => None,
+        };
         let http = match &config.http.listen {
             Some(a) => Some(Listener::bind(a, config::SocketMode(0o600)).await?),
             None => None,
@@ -88,6 +94,7 @@ impl Listeners {
         Ok(Self {
             milter,
             policy,
+            socketmap,
             http,
         })
     }
@@ -98,6 +105,10 @@ impl Listeners {
 
     pub fn policy_addr(&self) -> Option<ListenAddr> {
         self.policy.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn socketmap_addr(&self) -> Option<ListenAddr> {
+        self.socketmap.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn http_addr(&self) -> Option<ListenAddr> {
@@ -195,6 +206,14 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    let mut socketmap_task = listeners.socketmap.map(|l| {
+        tokio::spawn(socketmap::serve(
+            l,
+            current.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let http_task = listeners
         .http
         .map(|l| tokio::spawn(http::serve(l, services.clone(), stop_rx.clone())));
@@ -240,6 +259,9 @@ pub async fn run(
         if let Some(t) = policy_task.as_mut() {
             let _ = t.await;
         }
+        if let Some(t) = socketmap_task.as_mut() {
+            let _ = t.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -258,7 +280,7 @@ pub async fn run(
             warn!("the milter front end did not stop in time");
         }
     }
-    for t in [policy_task, http_task]
+    for t in [policy_task, socketmap_task, http_task]
         .into_iter()
         .flatten()
         .chain(feed_tasks)
@@ -312,6 +334,9 @@ fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, services: &e
     keep!(policy.listen);
     keep!(policy.socket_mode);
     keep!(policy.max_connections);
+    keep!(socketmap.listen);
+    keep!(socketmap.socket_mode);
+    keep!(socketmap.max_connections);
     keep!(http.listen);
     keep!(log.level);
     // The open store and the feeds stay; their options apply at the next start.

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub feed_entries: IntGaugeVec,
     /// Feed reads, by feed and result (`ok`, `error`: the last good copy stays).
     pub feed_loads: IntCounterVec,
+    /// Socketmap lookups, by map and result.
+    pub socketmap_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -90,6 +92,13 @@ impl Metrics {
             Opts::new("feed_entries", "Entries in force in each feed."),
             &["feed"],
         )?;
+        let socketmap_requests = IntCounterVec::new(
+            Opts::new(
+                "socketmap_requests_total",
+                "Socketmap lookups, by map and result.",
+            ),
+            &["map", "result"],
+        )?;
         let feed_loads = IntCounterVec::new(
             Opts::new("feed_loads_total", "Feed reads, by result."),
             &["feed", "result"],
@@ -108,6 +117,7 @@ impl Metrics {
             &reloads,
             &store_failures,
             &feed_loads,
+            &socketmap_requests,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -135,6 +145,7 @@ impl Metrics {
             store_failures,
             feed_entries,
             feed_loads,
+            socketmap_requests,
         })
     }
 

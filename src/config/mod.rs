@@ -134,11 +134,31 @@ impl Default for PolicyConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+/// Postfix `socketmap:` tables: `domains` (for `relay_domains`) and
+/// `transport` (for `transport_maps`, custom ports).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SocketmapConfig {
-    /// Off unless set; the socketmap front end arrives with the aliases.
+    /// `inet:HOST:PORT` or `unix:/PATH`; off unless set.
     pub listen: Option<ListenAddr>,
+    pub socket_mode: SocketMode,
+    pub max_connections: usize,
+    /// Close a connection on which Postfix sends nothing for this long.
+    pub idle_timeout: Duration,
+    /// The Postfix transport named in `transport` answers (`smtp:DOMAIN:PORT`).
+    pub transport: String,
+}
+
+impl Default for SocketmapConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            socket_mode: SocketMode(0o666),
+            max_connections: 100,
+            idle_timeout: Duration::from_secs(600),
+            transport: "smtp".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -603,11 +623,6 @@ impl Config {
                 p.display()
             ));
         }
-        if self.socketmap.listen.is_some() {
-            return Err(
-                "socketmap.listen is set, but this release has no socketmap front end yet".into(),
-            );
-        }
         for (name, n) in [
             ("milter.max_connections", self.milter.max_connections),
             ("policy.max_connections", self.policy.max_connections),
@@ -642,6 +657,18 @@ impl Config {
             if !matches!(d.parse::<AllowEntry>(), Ok(AllowEntry::Domain(_))) {
                 return Err(format!("local_domains: `{d}` is not a domain name"));
             }
+        }
+        if self.socketmap.transport.is_empty()
+            || !self
+                .socketmap
+                .transport
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "socketmap.transport `{}` is not a Postfix transport name",
+                self.socketmap.transport.escape_debug()
+            ));
         }
         for (name, d) in &self.domains {
             let wildcard = name == "*";

@@ -18,6 +18,7 @@ use tokio::{
 pub struct Mxguard {
     pub milter: Option<ListenAddr>,
     pub policy: Option<ListenAddr>,
+    pub socketmap: Option<ListenAddr>,
     pub http: Option<ListenAddr>,
     config_path: PathBuf,
     reload: mpsc::Sender<()>,
@@ -45,6 +46,7 @@ pub fn config_yaml(dir: &Path, extra: &str) -> String {
     let base = format!(
         "milter: {{ listen: \"inet:127.0.0.1:0\" }}\n\
          policy: {{ listen: \"inet:127.0.0.1:0\" }}\n\
+         socketmap: {{ listen: \"inet:127.0.0.1:0\" }}\n\
          http: {{ listen: \"127.0.0.1:0\" }}\n\
          store: {{ path: \"{}/state.db\" }}\n\
          hostname: mx.mxguard.test\n\
@@ -93,9 +95,10 @@ impl Mxguard {
         let listeners = Listeners::bind(&file.config)
             .await
             .unwrap_or_else(|e| panic!("cannot bind: {e}"));
-        let (milter, policy, http) = (
+        let (milter, policy, socketmap, http) = (
             listeners.milter_addr(),
             listeners.policy_addr(),
+            listeners.socketmap_addr(),
             listeners.http_addr(),
         );
         let (reload_tx, reload_rx) = mpsc::channel(1);
@@ -106,6 +109,7 @@ impl Mxguard {
         Mxguard {
             milter,
             policy,
+            socketmap,
             http,
             config_path,
             reload: reload_tx,
@@ -140,6 +144,10 @@ impl Mxguard {
 
     pub fn milter_addr(&self) -> SocketAddr {
         socket_addr(self.milter.as_ref())
+    }
+
+    pub fn socketmap_addr(&self) -> SocketAddr {
+        socket_addr(self.socketmap.as_ref())
     }
 
     pub fn http_addr(&self) -> SocketAddr {

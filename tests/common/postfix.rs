@@ -115,7 +115,7 @@ impl Postfix {
         self.dir.path()
     }
 
-    fn config_dir(&self) -> PathBuf {
+    pub fn config_dir(&self) -> PathBuf {
         self.dir.path().join("etc")
     }
 
