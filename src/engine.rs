@@ -80,11 +80,44 @@ pub struct Engine {
     reject_clients: RejectClients,
     allowlist: Allowlist,
     aliases: Aliases,
+    /// `None` when the HTTP client could not be set up (logged): webhook
+    /// targets then tempfail.
+    webhooks: Option<crate::webhooks::Webhooks>,
     hostname: String,
 }
 
 /// The check name (metric label) of alias resolution.
 pub const ALIASES: &str = "aliases";
+
+/// How long a webhook delivery is remembered, so a client's retry of the
+/// same message does not post it again.
+const WEBHOOK_DEDUPE: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// The message's fingerprint (behaviour.md §6.1): the client, and the
+/// first Message-ID, Date, From, To, Cc and Subject; the whole message
+/// when it has none of them.
+fn fingerprint(env: &Envelope, headers: &[(String, String)], raw: &[u8]) -> String {
+    let client = env
+        .client_name
+        .clone()
+        .or_else(|| env.client_addr.map(|ip| ip.to_string()))
+        .unwrap_or_default();
+    let mut parts = vec![client];
+    let mut any = false;
+    for name in ["message-id", "date", "from", "to", "cc", "subject"] {
+        let value = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|v| !v.is_empty());
+        any |= value.is_some();
+        parts.push(value.unwrap_or_default());
+    }
+    if !any {
+        parts.push(String::from_utf8_lossy(raw).into_owned());
+    }
+    parts.join("\n")
+}
 
 /// How long a forwarding port is remembered for a target: longer than
 /// Postfix keeps a message queued (`maximal_queue_lifetime`, 5 days).
@@ -101,6 +134,13 @@ impl Engine {
             txt_cache,
         } = services;
         let aliases = Aliases::new(&config, Some(auth.clone()), txt_cache);
+        let webhooks = match crate::webhooks::Webhooks::new(&config.webhooks) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!("{e}; webhook targets will be answered with a tempfail");
+                None
+            }
+        };
         let reject_clients = RejectClients::new(&config.policy.reject_clients);
         let allowlist = Allowlist::new(&config.allowlist.entries, &config.local_domains);
         let hostname = if config.hostname.is_empty() {
@@ -120,6 +160,7 @@ impl Engine {
             reject_clients,
             allowlist,
             aliases,
+            webhooks,
             hostname,
         }
     }
@@ -181,13 +222,19 @@ impl Engine {
 
     /// Largest message kept in memory for webhooks.
     pub fn max_webhook_message(&self) -> u64 {
-        50 * 1024 * 1024
+        self.config.webhooks.max_message_size.0
     }
 
-    /// Posts the message to the plan's webhooks (each URL once per
-    /// message, even when the client sends it again): `Continue` when every
-    /// post succeeded or one failed for good while other copies remain, a
-    /// tempfail when one can be retried, a reject when nothing was delivered.
+    /// Replaces the webhook client (tests shorten the pause between tries).
+    pub fn set_webhooks(&mut self, webhooks: crate::webhooks::Webhooks) {
+        self.webhooks = Some(webhooks);
+    }
+
+    /// Posts the message to the plan's webhooks, each URL once per message
+    /// even when the client sends it again (a fingerprint of the client and
+    /// the message's identifying headers, kept a day). A post that can be
+    /// retried tempfails the message (`421 4.3.0`); one refused for good
+    /// rejects it only when nothing else was delivered.
     pub async fn post_webhooks(
         &self,
         plan: &aliases::rewrite::Plan,
@@ -195,8 +242,91 @@ impl Engine {
         headers: &[(String, String)],
         raw: &[u8],
     ) -> Verdict {
-        let _ = (plan, env, headers, raw);
-        Verdict::Tempfail(Reply::new(421, "4.3.0", "webhooks are not available"))
+        let Some(webhooks) = self.webhooks.as_ref() else {
+            return Verdict::Tempfail(Reply::new(
+                421,
+                "4.3.0",
+                "Webhook delivery is not available right now; try again later",
+            ));
+        };
+        let fingerprint = fingerprint(env, headers, raw);
+        let count = |result: &str| {
+            self.metrics
+                .webhook_posts
+                .with_label_values(&[result])
+                .inc()
+        };
+        let mut delivered = false;
+        let mut refused: Option<Verdict> = None;
+        for hook in &plan.webhooks {
+            let key = crate::store::Key::hashed("webhook", &[&fingerprint, &hook.url]);
+            match Box::pin(self.store.set_if_absent(&key, b"1", WEBHOOK_DEDUPE)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    info!(queue_id = show(&env.queue_id), recipients = %hook.recipients.join(","), "webhook: already delivered for this message; not posted again");
+                    count("duplicate");
+                    delivered = true;
+                    continue;
+                }
+                Err(e) => {
+                    let v = self.store_failed(ALIASES, &e);
+                    if v.is_final() {
+                        return v;
+                    }
+                }
+            }
+            let alias = hook.recipients.first().map_or("", String::as_str);
+            let meta = crate::webhooks::Meta {
+                recipients: hook.recipients.clone(),
+                remote_address: env.client_addr,
+                client_hostname: env
+                    .client_name
+                    .clone()
+                    .or_else(|| env.reverse_client_name.clone()),
+                helo: env.helo.clone(),
+                sender: env.sender.clone().unwrap_or_default(),
+                mta: self.hostname.clone(),
+                arrival: self.clock.now(),
+                auth_results: None,
+            };
+            let domain = alias.rsplit_once('@').map_or("", |(_, d)| d);
+            let outcome = match crate::webhooks::Webhooks::payload(raw, &meta, &hook.url) {
+                Ok(body) => {
+                    Box::pin(webhooks.post(
+                        &hook.url,
+                        &body,
+                        alias,
+                        self.aliases.webhook_key(domain),
+                    ))
+                    .await
+                }
+                Err(e) => crate::webhooks::Outcome::Tempfail(e),
+            };
+            match outcome {
+                crate::webhooks::Outcome::Delivered { .. } => {
+                    count("delivered");
+                    delivered = true;
+                }
+                crate::webhooks::Outcome::Tempfail(text) => {
+                    count("tempfail");
+                    let _ = Box::pin(self.store.delete(&key)).await;
+                    return Verdict::Tempfail(Reply::new(421, "4.3.0", text));
+                }
+                crate::webhooks::Outcome::Reject(text) => {
+                    count("reject");
+                    let _ = Box::pin(self.store.delete(&key)).await;
+                    refused.get_or_insert(Verdict::Reject(Reply::new(550, "5.7.1", text)));
+                }
+            }
+        }
+        match refused {
+            Some(v) if plan.nothing_left && !delivered => v,
+            Some(v) => {
+                tracing::warn!(queue_id = show(&env.queue_id), reply = %v.reply().map(ToString::to_string).unwrap_or_default(), "webhook refused for good; the message's other destinations still get it");
+                Verdict::Continue
+            }
+            None => Verdict::Continue,
+        }
     }
 
     /// Whether mail for `domain` is forwarded by mxguard (YAML or DNS

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod socketmap;
 pub mod store;
 pub mod verdict;
+pub mod webhooks;
 
 use crate::{
     clock::SystemClock,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub feed_loads: IntCounterVec,
     /// Socketmap lookups, by map and result.
     pub socketmap_requests: IntCounterVec,
+    /// Webhook posts, by result.
+    pub webhook_posts: IntCounterVec,
 }
 
 impl Metrics {
@@ -99,6 +101,13 @@ impl Metrics {
             ),
             &["map", "result"],
         )?;
+        let webhook_posts = IntCounterVec::new(
+            Opts::new(
+                "webhook_posts_total",
+                "Webhook posts, by result (delivered, duplicate, tempfail, reject).",
+            ),
+            &["result"],
+        )?;
         let feed_loads = IntCounterVec::new(
             Opts::new("feed_loads_total", "Feed reads, by result."),
             &["feed", "result"],
@@ -118,6 +127,7 @@ impl Metrics {
             &store_failures,
             &feed_loads,
             &socketmap_requests,
+            &webhook_posts,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -146,6 +156,7 @@ impl Metrics {
             feed_entries,
             feed_loads,
             socketmap_requests,
+            webhook_posts,
         })
     }
 

@@ -49,7 +49,7 @@ pub struct Config {
     pub auth: Section,
     pub arc: Section,
     pub content: Section,
-    pub webhooks: Section,
+    pub webhooks: WebhooksConfig,
 }
 
 /// A section whose options a later release defines; for now it takes no keys,
@@ -493,6 +493,34 @@ pub enum DomainSource {
     Dns,
 }
 
+/// HTTP POSTs to forwarding targets that are http(s) URLs.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Whole request, per attempt.
+    pub timeout: Duration,
+    /// Attempts after the first, 2 s apart, for failures worth retrying.
+    pub retries: u32,
+    /// Allow URLs on loopback, private and link-local addresses.
+    pub allow_private: bool,
+    /// HMAC-SHA256 key of the `X-Webhook-Signature` header; empty: unsigned.
+    pub key: String,
+    /// Largest message kept in memory to be posted.
+    pub max_message_size: Size,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            retries: 3,
+            allow_private: false,
+            key: String::new(),
+            max_message_size: Size(52_428_800),
+        }
+    }
+}
+
 /// A file mode written in octal, as a string (`"0660"`) or a number (`0660`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketMode(pub u32);
@@ -553,7 +581,7 @@ impl Default for Config {
             auth: Section::default(),
             arc: Section::default(),
             content: Section::default(),
-            webhooks: Section::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -669,6 +697,15 @@ impl Config {
                 "socketmap.transport `{}` is not a Postfix transport name",
                 self.socketmap.transport.escape_debug()
             ));
+        }
+        if self.webhooks.retries > 10 {
+            return Err(format!(
+                "webhooks.retries is {}: at most 10, or Postfix gives up on the milter first",
+                self.webhooks.retries
+            ));
+        }
+        if self.webhooks.timeout.get() < std::time::Duration::from_secs(1) {
+            return Err("webhooks.timeout must be at least 1s".into());
         }
         for (name, d) in &self.domains {
             let wildcard = name == "*";
