@@ -269,10 +269,10 @@ mod tests {
     #[test]
     fn netstrings() {
         assert_eq!(
-            take(b"15:domains a.example,rest"),
+            take(b"17:domains a.example,rest"),
             (Ok(Some(b"domains a.example".to_vec())), b"rest".to_vec())
         );
-        assert_eq!(take(b"15:domains a.ex").0, Ok(None));
+        assert_eq!(take(b"17:domains a.ex").0, Ok(None));
         assert_eq!(take(b"15").0, Ok(None));
         assert_eq!(take(b"").0, Ok(None));
         assert_eq!(take(b"0:,").0, Ok(Some(Vec::new())));
