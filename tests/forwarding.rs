@@ -181,12 +181,18 @@ async fn txt_aliases_from_dns_are_forwarded_through_the_milter_alone() {
     assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
     let m = &s.sink.wait_for(1, Duration::from_secs(20)).await[0];
     assert_eq!(m.rcpt_to, ["w@example.net"]);
-    // Several recipients were given, but only one was accepted… the header
-    // follows the accepted ones.
+    // Three recipients were given, one was accepted: X-Original-To follows
+    // the accepted ones.
     assert_eq!(
         m.header("X-Original-To").as_deref(),
         Some("world@example.com")
     );
+
+    // The TXT answer is cached for its TTL: a second message asks nothing.
+    let asked = dns.queries();
+    let t = s.send("198.51.100.24", &["hello@example.com"]).await;
+    assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
+    assert_eq!(dns.queries(), asked, "no new DNS query");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
