@@ -214,3 +214,42 @@ async fn dns_trouble_tempfails_at_rcpt_through_the_policy_service() {
     let m = &s.sink.wait_for(1, Duration::from_secs(20)).await[0];
     assert_eq!(m.rcpt_to, ["h@example.net"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_lets_unknown_aliases_through_unchanged() {
+    for wire in [Wire::Both, Wire::MilterOnly] {
+        let mut yaml = format!("{YAML_RULES}\nmode: report");
+        if wire == Wire::MilterOnly {
+            yaml.push_str("\npolicy: { listen: null }");
+        }
+        let s = Stack::start(&yaml, wire).await;
+        let t = s
+            .send(
+                "198.51.100.26",
+                &["nobody@example.org", "alice@example.org"],
+            )
+            .await;
+        let codes: Vec<u16> = t.rcpts.iter().map(|r| r.code).collect();
+        assert_eq!(codes, [250, 250], "{wire:?}: {t:?}");
+        assert_eq!(
+            t.data.as_ref().map(|r| r.code),
+            Some(250),
+            "{wire:?}: {t:?}"
+        );
+        let m = &s.sink.wait_for(1, Duration::from_secs(20)).await[0];
+        let mut rcpts = m.rcpt_to.clone();
+        rcpts.sort();
+        assert_eq!(
+            rcpts,
+            ["alice@example.net", "nobody@example.org"],
+            "{wire:?}"
+        );
+        assert_eq!(
+            s.mxguard
+                .metric(r#"mxguard_check_decisions_total{check="aliases",mode="report",verdict="reject"}"#)
+                .await,
+            1.0,
+            "{wire:?}: counted once"
+        );
+    }
+}

@@ -161,9 +161,10 @@ impl Session {
         } else {
             // The policy service decided (and counted) this recipient; a
             // refusal here means Postfix is not wired to it, and is then
-            // made, logged and counted here.
+            // made, logged and counted here (unless only reported).
             let resolved = self.engine.resolve_alias(&rcpt).await;
             if resolved.verdict().is_final()
+                && self.engine.config().mode == crate::config::Mode::Enforce
                 && let Some((decision, _)) = self.engine.alias_decision(Stage::Rcpt, &env).await
                 && decision.verdict.is_final()
             {
@@ -171,6 +172,9 @@ impl Session {
             }
             Some(resolved)
         };
+        // A refusal that report mode let through: the recipient is left as
+        // it is, not rewritten.
+        let resolved = resolved.filter(|r| !r.verdict().is_final());
         if let Some(r) = &resolved
             && let Outcome::Forward { destinations, .. } = &r.outcome
             && destinations
