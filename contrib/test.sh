@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs mxguard's whole test suite on a Debian 12 machine: installs what the
-# tests need (Postfix, redis-server, man-db) when it is missing, then runs
+# tests need (Postfix, redis-server, postsrsd, man-db) when it is missing, then runs
 # the tests, clippy and the format check. The tests start their own Postfix,
 # Redis and DNS server on loopback ports; nothing reaches the internet.
 set -euo pipefail
@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 [ -x /usr/sbin/postfix ] || need+=(postfix)
 [ -x /usr/bin/redis-server ] || need+=(redis-server)
+# Debian's SRS daemon: the SRS interop tests run it beside mxguard.
+[ -x /usr/sbin/postsrsd ] || need+=(postsrsd)
 command -v man >/dev/null || need+=(man-db)
 command -v groff >/dev/null || need+=(groff-base)
 if [ ${#need[@]} -gt 0 ]; then
@@ -22,6 +24,11 @@ if [ ${#need[@]} -gt 0 ]; then
     # system's own Postfix never starts; the tests run their own instances.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # The package starts its own postsrsd on ports 10001/10002; the tests
+    # start theirs on free ports and need no system instance.
+    if command -v systemctl >/dev/null && systemctl is-active -q postsrsd 2>/dev/null; then
+        systemctl stop postsrsd || true
+    fi
 fi
 if [ "$(id -u)" -ne 0 ]; then
     echo "contrib/test.sh: the end-to-end tests start Postfix, whose master process runs as root; run as root" >&2

@@ -83,8 +83,17 @@ pub struct Engine {
     /// `None` when the HTTP client could not be set up (logged): webhook
     /// targets then tempfail.
     webhooks: Option<crate::webhooks::Webhooks>,
+    srs: Option<crate::srs::Srs>,
     hostname: String,
 }
+
+/// The check names (metric labels) of SRS address validation and of the
+/// bounce policy on the SRS reverse path.
+pub const SRS: &str = "srs";
+pub const SRS_BOUNCE: &str = "srs_bounce";
+/// How long a relayed bounce is remembered, so the same one is not relayed
+/// twice.
+const BOUNCE_DEDUPE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 /// The check name (metric label) of alias resolution.
 pub const ALIASES: &str = "aliases";
@@ -134,6 +143,24 @@ impl Engine {
             txt_cache,
         } = services;
         let aliases = Aliases::new(&config, Some(auth.clone()), txt_cache);
+        let srs = if config.srs.enabled() {
+            let c = &config.srs;
+            match crate::srs::Srs::new(
+                c.secrets.clone(),
+                &c.domain,
+                c.hash_length,
+                c.max_age.get().as_secs() / 86_400,
+                c.separator,
+            ) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!("SRS is off: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let webhooks = match crate::webhooks::Webhooks::new(&config.webhooks) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -161,8 +188,162 @@ impl Engine {
             allowlist,
             aliases,
             webhooks,
+            srs,
             hostname,
         }
+    }
+
+    pub fn srs(&self) -> Option<&crate::srs::Srs> {
+        self.srs.as_ref()
+    }
+
+    /// Days since the epoch, by the engine's clock (SRS timestamps).
+    pub fn today(&self) -> u64 {
+        self.clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400)
+    }
+
+    /// For a recipient at the SRS domain: the original address, or why
+    /// the SRS address is not valid. `None` for other recipients.
+    pub fn srs_reverse(&self, rcpt: &str) -> Option<Result<String, crate::srs::SrsError>> {
+        let srs = self.srs.as_ref()?;
+        let (_, domain) = rcpt.rsplit_once('@')?;
+        srs.is_srs_domain(domain)
+            .then(|| srs.reverse_at(rcpt, self.today()))
+    }
+
+    /// The RCPT decision for a recipient at the SRS domain (logged and
+    /// counted): valid addresses pass, others get 550 5.1.1 now rather than
+    /// a bounce later. `None` for other recipients, and for non-SRS
+    /// addresses at the SRS domain when aliases handle that domain.
+    pub async fn srs_decision(&self, stage: Stage, env: &Envelope) -> Option<Decision> {
+        let rcpt = env.recipient.as_deref()?;
+        let verdict_reason = match self.srs_reverse(rcpt)? {
+            Ok(original) => (Verdict::Continue, format!("SRS address of {original}")),
+            Err(crate::srs::SrsError::NotSrs) => {
+                let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+                if matches!(self.aliases.rules(domain).await, aliases::Lookup::Rules(_)) {
+                    return None;
+                }
+                (
+                    Verdict::Reject(Reply::new(550, "5.1.1", format!("{rcpt} does not exist"))),
+                    "not an SRS address, and the SRS domain has no aliases".to_owned(),
+                )
+            }
+            Err(e) => (
+                Verdict::Reject(Reply::new(
+                    550,
+                    "5.1.1",
+                    format!("{rcpt} is not a valid bounce address: {e}"),
+                )),
+                e.to_string(),
+            ),
+        };
+        let (verdict, reason) = verdict_reason;
+        Some(self.decide(stage, env, SRS, verdict, reason, None))
+    }
+
+    /// Whether `domain` is one of the operator's: `local_domains`, the
+    /// domains mxguard forwards for, or the SRS domain.
+    pub fn is_operator_domain(&self, domain: &str) -> bool {
+        let d = aliases::normalize_domain(domain);
+        self.config
+            .local_domains
+            .iter()
+            .any(|l| aliases::normalize_domain(l) == d)
+            || self
+                .config
+                .domains
+                .keys()
+                .any(|k| aliases::normalize_domain(k) == d)
+            || self.srs.as_ref().is_some_and(|s| s.is_srs_domain(&d))
+    }
+
+    /// The SRS sender for a message forwarded to `targets`: only when SRS
+    /// is on, the sender is not null and not of the operator's domains, and
+    /// some target is outside them.
+    pub fn srs_sender(&self, sender: &str, targets: &[String]) -> Option<String> {
+        let srs = self.srs.as_ref()?;
+        let (_, domain) = sender.rsplit_once('@')?;
+        if self.is_operator_domain(domain) {
+            return None;
+        }
+        let outside = targets.iter().any(|t| {
+            t.rsplit_once('@')
+                .is_some_and(|(_, d)| !self.is_operator_domain(d))
+        });
+        if !outside {
+            return None;
+        }
+        match srs.forward_at(sender, self.today()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(sender, "SRS: sender not rewritten: {e}");
+                None
+            }
+        }
+    }
+
+    /// The bounce policy of the SRS reverse path: why a bounce (null
+    /// sender) for `original` must not be relayed, or `None` to relay it.
+    /// A relayed bounce is remembered for 7 days.
+    pub async fn bounce_suppressed(
+        &self,
+        env: &Envelope,
+        raw: &[u8],
+        original: &str,
+    ) -> Option<&'static str> {
+        let dsn = crate::nobounce::parse_dsn(raw);
+        let reason = crate::nobounce::sender_reason(original).or_else(|| {
+            (!dsn.original_headers.is_empty())
+                .then(|| crate::nobounce::reason(original, &dsn.original_headers))
+                .flatten()
+        });
+        let reason = match reason {
+            Some(r) => Some(r),
+            None => {
+                let mut parts = vec![original.to_lowercase(), dsn.status.clone()];
+                for name in ["message-id", "date", "from", "to", "cc", "subject"] {
+                    parts.push(
+                        dsn.original_headers
+                            .iter()
+                            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default(),
+                    );
+                }
+                if dsn.original_headers.is_empty() {
+                    parts.push(String::from_utf8_lossy(raw).into_owned());
+                }
+                let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+                let key = crate::store::Key::hashed("bounce", &refs);
+                match Box::pin(self.store.set_if_absent(&key, b"1", BOUNCE_DEDUPE)).await {
+                    Ok(true) => None,
+                    Ok(false) => Some("the same bounce was relayed in the last 7 days"),
+                    Err(e) => {
+                        // Relaying a duplicate is better than losing a bounce.
+                        tracing::warn!("bounce dedupe not checked: state store: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        let (verdict, text) = match reason {
+            Some(r) => (
+                Verdict::Discard,
+                format!("bounce for {original} not relayed: {r}"),
+            ),
+            None => (
+                Verdict::Continue,
+                format!("bounce for {original} relayed (status {})", dsn.status),
+            ),
+        };
+        let mut env = env.clone();
+        env.recipient = Some(original.to_owned());
+        self.decide(Stage::EndOfMessage, &env, SRS_BOUNCE, verdict, text, None);
+        reason
     }
 
     pub fn aliases(&self) -> &Aliases {
@@ -332,6 +513,10 @@ impl Engine {
     /// Whether mail for `domain` is forwarded by mxguard (YAML or DNS
     /// rules): the socketmap's `domains` map.
     pub async fn handles_domain(&self, domain: &str) -> Result<bool, String> {
+        // The SRS domain receives the bounces and replies that go back.
+        if self.srs.as_ref().is_some_and(|s| s.is_srs_domain(domain)) {
+            return Ok(true);
+        }
         Box::pin(self.aliases.handles_domain(domain)).await
     }
 
@@ -544,7 +729,14 @@ impl Engine {
                     return d;
                 }
             }
-            if let Some((d, _)) = Box::pin(self.alias_decision(stage, env)).await
+            let srs = Box::pin(self.srs_decision(stage, env)).await;
+            if let Some(d) = srs.clone()
+                && let Some(d) = keep(d)
+            {
+                return d;
+            }
+            if srs.is_none()
+                && let Some((d, _)) = Box::pin(self.alias_decision(stage, env)).await
                 && let Some(d) = keep(d)
             {
                 return d;

@@ -20,6 +20,7 @@ pub mod net;
 pub mod nobounce;
 pub mod policy;
 pub mod socketmap;
+pub mod srs;
 pub mod store;
 pub mod verdict;
 pub mod webhooks;

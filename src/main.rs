@@ -50,6 +50,14 @@ enum Command {
         txt: Vec<String>,
         address: String,
     },
+    /// Rewrite an address with the Sender Rewriting Scheme (srs: in the configuration).
+    Srs {
+        #[command(subcommand)]
+        action: SrsAction,
+        /// Configuration file (for srs:).
+        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
+        config: PathBuf,
+    },
     /// Manage the run-time denylist of the running daemon (through http.listen).
     Deny {
         #[command(subcommand)]
@@ -66,6 +74,14 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SrsAction {
+    /// Print the SRS address of a sender.
+    Forward { address: String },
+    /// Print the original address of an SRS address (exit 1 if invalid or expired).
+    Reverse { address: String },
 }
 
 #[derive(Subcommand)]
@@ -86,6 +102,54 @@ enum ListAction {
     List,
     /// Say which entry, if any, matches an address, domain or e-mail address.
     Test { value: String },
+}
+
+fn srs_command(path: &std::path::Path, action: SrsAction) -> ExitCode {
+    let config = match ConfigFile::load(path) {
+        Ok(f) => f.config,
+        Err(e) => {
+            eprintln!("mxguard: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let c = &config.srs;
+    if !c.enabled() {
+        eprintln!(
+            "mxguard: {}: srs.domain is not set: SRS is off",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let srs = match mxguard::srs::Srs::new(
+        c.secrets.clone(),
+        &c.domain,
+        c.hash_length,
+        c.max_age.get().as_secs() / 86_400,
+        c.separator,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mxguard: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400);
+    let (result, address) = match &action {
+        SrsAction::Forward { address } => (srs.forward_at(address, today), address),
+        SrsAction::Reverse { address } => (srs.reverse_at(address, today), address),
+    };
+    match result {
+        Ok(a) => {
+            println!("{a}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mxguard: {address}: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn resolve_command(config: Option<PathBuf>, txt: Vec<String>, address: &str) -> ExitCode {
@@ -138,6 +202,7 @@ fn main() -> ExitCode {
             txt,
             address,
         } => resolve_command(config, txt, &address),
+        Command::Srs { action, config } => srs_command(&config, action),
         Command::Deny { action, config } => list_command(&config, "deny", action),
         Command::Allow { action, config } => list_command(&config, "allow", action),
         Command::Run { config } => {

@@ -93,6 +93,82 @@ pub fn reason(sender: &str, headers: &[(String, String)]) -> Option<&'static str
     None
 }
 
+/// Why no bounce may go back to `sender` whatever the message: a
+/// postmaster-style or no-reply address, or an ARF reporter.
+pub fn sender_reason(sender: &str) -> Option<&'static str> {
+    let lower = sender.to_lowercase();
+    if is_mailer_daemon(&lower) {
+        return Some("a postmaster or no-reply address");
+    }
+    if let Some((l, d)) = lower.rsplit_once('@')
+        && l.contains("feedback")
+        && d.starts_with("arf.")
+    {
+        return Some("an ARF feedback report");
+    }
+    None
+}
+
+/// What a delivery status notification says of the message it reports:
+/// its headers (from a `message/rfc822` or `text/rfc822-headers` part) and
+/// the first `Status:` of its `message/delivery-status` part.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dsn {
+    pub original_headers: Vec<(String, String)>,
+    pub status: String,
+}
+
+pub fn parse_dsn(raw: &[u8]) -> Dsn {
+    use mail_parser::{MessageParser, MimeHeaders, PartType};
+    let mut dsn = Dsn::default();
+    let Some(m) = MessageParser::default().parse(raw) else {
+        return dsn;
+    };
+    let headers_of = |m: &mail_parser::Message<'_>| -> Vec<(String, String)> {
+        m.headers_raw()
+            .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
+            .collect()
+    };
+    for part in m.parts.iter().skip(1) {
+        let ctype = part
+            .content_type()
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    c.c_type.to_lowercase(),
+                    c.c_subtype.as_deref().unwrap_or("").to_lowercase()
+                )
+            })
+            .unwrap_or_default();
+        match (&part.body, ctype.as_str()) {
+            (PartType::Message(inner), _) if dsn.original_headers.is_empty() => {
+                dsn.original_headers = headers_of(inner);
+            }
+            (_, "text/rfc822-headers") if dsn.original_headers.is_empty() => {
+                let mut text = part.contents().to_vec();
+                text.extend_from_slice(b"\r\n\r\n");
+                if let Some(inner) = MessageParser::default().parse(&text) {
+                    dsn.original_headers = headers_of(&inner);
+                }
+            }
+            (_, "message/delivery-status") if dsn.status.is_empty() => {
+                let text = String::from_utf8_lossy(part.contents()).into_owned();
+                dsn.status = text
+                    .lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.trim()
+                            .eq_ignore_ascii_case("status")
+                            .then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+    dsn
+}
+
 fn is_mailer_daemon(address: &str) -> bool {
     let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
     let user = local.split('+').next().unwrap_or(local);
@@ -166,5 +242,27 @@ mod tests {
             )
             .is_some()
         );
+    }
+
+    #[test]
+    fn reports_are_read() {
+        let raw = b"From: MAILER-DAEMON@x.example\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n\
+--B\r\nContent-Type: text/plain\r\n\r\nFailed.\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x\r\n\r\nStatus: 5.1.1\r\n\r\n\
+--B\r\nContent-Type: message/rfc822\r\n\r\nFrom: a@b.example\r\nAuto-Submitted: auto-replied\r\n\r\nbody\r\n--B--\r\n";
+        let dsn = super::parse_dsn(raw);
+        assert_eq!(dsn.status, "5.1.1");
+        assert!(
+            dsn.original_headers
+                .iter()
+                .any(|(n, v)| n == "Auto-Submitted" && v == "auto-replied"),
+            "{dsn:?}"
+        );
+        assert_eq!(super::parse_dsn(b"not a report"), super::Dsn::default());
+        assert_eq!(
+            super::sender_reason("postmaster@x.example"),
+            Some("a postmaster or no-reply address")
+        );
+        assert_eq!(super::sender_reason("bob@x.example"), None);
     }
 }

@@ -19,6 +19,9 @@ pub const SENDER_TRACE: &str = "X-Mxguard-Sender";
 pub struct Recipient {
     pub address: String,
     pub resolved: Option<Resolved>,
+    /// An SRS address being reversed (a bounce or reply going back): no
+    /// forwarding headers, no SRS of its own.
+    pub srs: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +51,9 @@ pub struct Plan {
     pub nothing_left: bool,
     /// Some recipient was forwarded (headers were planned).
     pub forwarded: bool,
+    /// The targets added for forwarded aliases (not reversed SRS
+    /// addresses): what the SRS sender rewriting looks at.
+    pub forwarded_to: Vec<String>,
 }
 
 /// The plan for a message. `headers` are the message's headers as
@@ -84,7 +90,14 @@ pub fn plan(
                 plan.refuse.get_or_insert(Verdict::Tempfail(reply));
             }
             Outcome::Forward { destinations, port } => {
-                plan.forwarded = true;
+                if !r.srs {
+                    plan.forwarded = true;
+                    for d in destinations {
+                        if let Destination::Address(a) = d {
+                            plan.forwarded_to.push(a.clone());
+                        }
+                    }
+                }
                 let own = r.address.to_lowercase();
                 let itself =
                     destinations.len() == 1 && destinations[0] == Destination::Address(own.clone());
@@ -196,6 +209,7 @@ mod tests {
                 reason: String::new(),
                 looped: false,
             }),
+            srs: false,
         }
     }
 
@@ -256,6 +270,7 @@ mod tests {
             Recipient {
                 address: "local@elsewhere.example".into(),
                 resolved: None,
+                srs: false,
             },
         ];
         let mut headers = from();
@@ -290,6 +305,7 @@ mod tests {
                 reason: String::new(),
                 looped: false,
             }),
+            srs: false,
         };
         let p = plan(std::slice::from_ref(&discard), &env(), &from(), "mx");
         assert!(p.nothing_left && p.delete == ["gone@example.com"] && !p.forwarded);
@@ -323,5 +339,19 @@ mod tests {
             "mx",
         );
         assert!(p.no_bounce.is_some());
+    }
+
+    #[test]
+    fn a_reversed_srs_address_gets_no_forwarding_headers() {
+        let mut r = forward(
+            "SRS0=x=y=example.com=bob@srs.example.org",
+            &["bob@example.com"],
+            None,
+        );
+        r.srs = true;
+        let p = plan(&[r], &env(), &from(), "mx");
+        assert_eq!(p.delete, ["SRS0=x=y=example.com=bob@srs.example.org"]);
+        assert_eq!(p.add, ["bob@example.com"]);
+        assert!(!p.forwarded && p.forwarded_to.is_empty() && p.insert_headers.is_empty());
     }
 }

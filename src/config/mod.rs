@@ -40,7 +40,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub local_domains: Vec<String>,
     pub domains: BTreeMap<String, DomainConfig>,
-    pub srs: Section,
+    pub srs: SrsConfig,
     pub greylist: GreylistConfig,
     pub allowlist: AllowlistConfig,
     pub denylist: DenylistConfig,
@@ -493,6 +493,89 @@ pub enum DomainSource {
     Dns,
 }
 
+/// The Sender Rewriting Scheme, in postsrsd's format.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SrsConfig {
+    /// The domain of SRS addresses; empty: no SRS.
+    pub domain: String,
+    /// One secret per line: the first signs, all verify.
+    pub secrets_file: Option<PathBuf>,
+    /// Characters of the hash in new addresses.
+    pub hash_length: usize,
+    /// How long an SRS address can be reversed (whole days).
+    pub max_age: Duration,
+    /// The character after `SRS0`/`SRS1`: `=`, `-` or `+`.
+    pub separator: char,
+    /// Read from `secrets_file` when the configuration is loaded.
+    #[serde(skip)]
+    pub secrets: Vec<Vec<u8>>,
+}
+
+impl Default for SrsConfig {
+    fn default() -> Self {
+        Self {
+            domain: String::new(),
+            secrets_file: None,
+            hash_length: 4,
+            max_age: Duration::from_secs(21 * 86_400),
+            separator: '=',
+            secrets: Vec::new(),
+        }
+    }
+}
+
+impl SrsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.domain.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !crate::aliases::grammar::is_fqdn(&self.domain.to_lowercase()) {
+            return Err(format!("srs.domain `{}` is not a domain name", self.domain));
+        }
+        if self.secrets_file.is_none() {
+            return Err("srs.domain is set but srs.secrets_file is not: SRS needs a secret".into());
+        }
+        if !(4..=27).contains(&self.hash_length) {
+            return Err(format!(
+                "srs.hash_length is {}: it must be 4 to 27",
+                self.hash_length
+            ));
+        }
+        if !['=', '-', '+'].contains(&self.separator) {
+            return Err(format!(
+                "srs.separator `{}` must be one of = - +",
+                self.separator
+            ));
+        }
+        if self.max_age.get().as_secs() < 86_400 {
+            return Err("srs.max_age must be at least 1d".into());
+        }
+        Ok(())
+    }
+
+    /// Reads the secrets file (when SRS is on).
+    pub fn load_secrets(&mut self) -> Result<(), String> {
+        let Some(path) = self.secrets_file.as_ref().filter(|_| self.enabled()) else {
+            return Ok(());
+        };
+        let text = fs::read_to_string(path)
+            .map_err(|e| format!("srs.secrets_file {}: {e}", path.display()))?;
+        self.secrets = crate::srs::parse_secrets(&text);
+        if self.secrets.is_empty() {
+            return Err(format!(
+                "srs.secrets_file {} holds no secret",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// HTTP POSTs to forwarding targets that are http(s) URLs.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -572,7 +655,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             local_domains: Vec::new(),
             domains: BTreeMap::new(),
-            srs: Section::default(),
+            srs: SrsConfig::default(),
             greylist: GreylistConfig::default(),
             allowlist: AllowlistConfig::default(),
             denylist: DenylistConfig::default(),
@@ -615,13 +698,15 @@ impl Config {
     /// Parses and validates YAML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         // An empty file, or one holding only comments, means "all defaults".
-        let config = serde_yaml::from_str::<Option<Config>>(text)
+        let mut config = serde_yaml::from_str::<Option<Config>>(text)
             .map_err(|e| syntax_error(origin, &e))?
             .unwrap_or_default();
-        config.validate().map_err(|message| ConfigError::Invalid {
+        let invalid = |message| ConfigError::Invalid {
             path: origin.to_owned(),
             message,
-        })?;
+        };
+        config.validate().map_err(invalid)?;
+        config.srs.load_secrets().map_err(invalid)?;
         Ok(config)
     }
 
@@ -698,6 +783,7 @@ impl Config {
                 self.socketmap.transport.escape_debug()
             ));
         }
+        self.srs.validate()?;
         if self.webhooks.retries > 10 {
             return Err(format!(
                 "webhooks.retries is {}: at most 10, or Postfix gives up on the milter first",

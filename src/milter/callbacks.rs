@@ -283,6 +283,12 @@ async fn apply(
                 .await
                 .map_err(|e| format!("cannot add the {name} header: {e}"))?;
         }
+        if let Some(sender) = &outcome.new_sender {
+            cx.actions
+                .change_sender(format!("<{sender}>"), None::<CString>)
+                .await
+                .map_err(|e| format!("cannot change the sender to {sender}: {e}"))?;
+        }
         for rcpt in &outcome.delete_recipients {
             cx.actions
                 .delete_recipient(format!("<{rcpt}>"))

@@ -55,6 +55,8 @@ pub struct EndOfMessage {
     pub delete_recipients: Vec<String>,
     /// Recipients to add, with their ESMTP arguments (`NOTIFY=NEVER`).
     pub add_recipients: Vec<(String, Option<String>)>,
+    /// The SRS envelope sender of a forwarded message.
+    pub new_sender: Option<String>,
     pub verdict: Verdict,
 }
 
@@ -146,11 +148,61 @@ impl Session {
         let mut env = self.envelope.clone();
         env.recipient = Some(rcpt.clone());
         env.recipient_count = u32::try_from(self.recipients.len()).unwrap_or(u32::MAX);
-        let resolved = if self.engine.milter_runs_envelope_checks() {
+        // Mail Postfix makes itself (bounces, through non_smtpd_milters) has
+        // no client: the envelope checks are for SMTP clients.
+        let runs_checks =
+            self.engine.milter_runs_envelope_checks() && self.envelope.client_addr.is_some();
+        if runs_checks {
             let decision = self.engine.envelope(Stage::Rcpt, &env).await;
             if decision.verdict.is_final() {
                 return decision.verdict;
             }
+        }
+        // A recipient at the SRS domain: the reverse path.
+        if let Some(reversed) = self.engine.srs_reverse(&rcpt) {
+            let enforce = self.engine.config().mode == crate::config::Mode::Enforce;
+            match reversed {
+                Ok(original) => {
+                    if self.envelope.sender.as_deref() == Some("") {
+                        // A bounce: its report is read at the end.
+                        self.raw_wanted = true;
+                    }
+                    let reason = format!("SRS address of {original}");
+                    self.recipients.push(Recipient {
+                        address: rcpt.clone(),
+                        resolved: Some(crate::aliases::Resolved {
+                            address: rcpt,
+                            outcome: Outcome::Forward {
+                                destinations: vec![Destination::Address(original)],
+                                port: None,
+                            },
+                            reason,
+                            looped: false,
+                        }),
+                        srs: true,
+                    });
+                    return Verdict::Continue;
+                }
+                Err(e) => {
+                    if !runs_checks
+                        && enforce
+                        && let Some(d) = self.engine.srs_decision(Stage::Rcpt, &env).await
+                        && d.verdict.is_final()
+                    {
+                        return d.verdict;
+                    }
+                    if e != crate::srs::SrsError::NotSrs {
+                        self.recipients.push(Recipient {
+                            address: rcpt,
+                            resolved: None,
+                            srs: false,
+                        });
+                        return Verdict::Continue;
+                    }
+                }
+            }
+        }
+        let resolved = if runs_checks {
             if self.engine.aliases().is_empty() {
                 None
             } else {
@@ -186,6 +238,7 @@ impl Session {
         self.recipients.push(Recipient {
             address: rcpt,
             resolved,
+            srs: false,
         });
         Verdict::Continue
     }
@@ -249,19 +302,18 @@ impl Session {
 
     pub async fn end_of_message(&mut self) -> EndOfMessage {
         let decision = self.engine.end_of_message(&self.envelope, self.size).await;
-        let addresses = || {
-            self.recipients
-                .iter()
-                .map(|r| r.address.as_str())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let addresses = self
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         if decision.verdict.is_final() {
             info!(
                 queue_id = show(&self.envelope.queue_id),
                 client = %self.envelope.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 sender = show(&self.envelope.sender),
-                recipients = %addresses(),
+                recipients = %addresses,
                 verdict = decision.verdict.label(),
                 check = decision.check,
                 "message refused"
@@ -270,6 +322,36 @@ impl Session {
                 verdict: decision.verdict,
                 ..EndOfMessage::default()
             };
+        }
+        // Bounces on the SRS reverse path that must not be relayed are
+        // accepted and dropped.
+        if self.envelope.sender.as_deref() == Some("") && self.recipients.iter().any(|r| r.srs) {
+            let raw = self.raw.clone().unwrap_or_default();
+            for i in 0..self.recipients.len() {
+                let original = match &self.recipients[i] {
+                    Recipient {
+                        srs: true,
+                        resolved: Some(r),
+                        ..
+                    } => match &r.outcome {
+                        Outcome::Forward { destinations, .. } => {
+                            destinations.first().map(ToString::to_string)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let Some(original) = original else { continue };
+                if self
+                    .engine
+                    .bounce_suppressed(&self.envelope, &raw, &original)
+                    .await
+                    .is_some()
+                    && let Some(r) = self.recipients[i].resolved.as_mut()
+                {
+                    r.outcome = Outcome::Discard;
+                }
+            }
         }
         let plan = rewrite::plan(
             &self.recipients,
@@ -326,6 +408,11 @@ impl Session {
             .extend(plan.insert_headers.iter().cloned());
         eom.delete_headers = plan.delete_headers.clone();
         eom.delete_recipients = plan.delete.clone();
+        if let Some(sender) = self.envelope.sender.as_deref()
+            && !plan.forwarded_to.is_empty()
+        {
+            eom.new_sender = self.engine.srs_sender(sender, &plan.forwarded_to);
+        }
         let args = plan.no_bounce.map(|_| "NOTIFY=NEVER".to_owned());
         eom.add_recipients = plan.add.iter().map(|a| (a.clone(), args.clone())).collect();
         self.log_forwarding(&plan, &Verdict::Accept);
@@ -333,7 +420,7 @@ impl Session {
             queue_id = show(&self.envelope.queue_id),
             client = %self.envelope.client_addr.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
             sender = show(&self.envelope.sender),
-            recipients = %addresses(),
+            recipients = %addresses,
             verdict = "accept",
             "message checked"
         );

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod dns;
 pub mod ports;
 pub mod postfix;
+pub mod postsrsd;
 pub mod redis;
 pub mod sink;
 pub mod smtp;

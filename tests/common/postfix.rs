@@ -68,31 +68,64 @@ impl Postfix {
         }
         chown_postfix(&root.join("data"));
 
-        let smtpd_port = super::ports::free_port();
-        let fill = |text: String| {
-            text.replace("@DIR@", &root.display().to_string())
-                .replace("@SMTPD_PORT@", &smtpd_port.to_string())
-                .replace("@SINK_PORT@", &sink_port.to_string())
+        // The port is chosen before Postfix binds it, so another listener of
+        // the test process may take it first: then a new one is tried.
+        let mut attempt = 0;
+        let pf = loop {
+            attempt += 1;
+            let smtpd_port = super::ports::free_port();
+            let fill = |text: String| {
+                text.replace("@DIR@", &root.display().to_string())
+                    .replace("@SMTPD_PORT@", &smtpd_port.to_string())
+                    .replace("@SINK_PORT@", &sink_port.to_string())
+            };
+            let mut main_cf = fill(contrib("throwaway-main.cf"));
+            main_cf.push('\n');
+            main_cf.push_str(&wire(&contrib("main.cf"), wiring));
+            for (k, v) in extra {
+                main_cf.push_str(&format!("{k} = {v}\n"));
+            }
+            let etc = root.join("etc");
+            write_aged(&etc.join("main.cf"), &main_cf);
+            write_aged(
+                &etc.join("master.cf"),
+                &fill(contrib("throwaway-master.cf")),
+            );
+            let smtpd = SocketAddr::from(([127, 0, 0, 1], smtpd_port));
+            let _ = fs::remove_file(root.join("maillog"));
+            let check = Command::new("/usr/sbin/postfix")
+                .arg("-c")
+                .arg(&etc)
+                .arg("check")
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run postfix check: {e}"));
+            if !check.status.success() {
+                panic!(
+                    "postfix check failed: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                );
+            }
+            let out = Command::new("/usr/sbin/postfix")
+                .arg("-c")
+                .arg(&etc)
+                .arg("start")
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run postfix start: {e}"));
+            let log = fs::read_to_string(root.join("maillog")).unwrap_or_default();
+            if out.status.success() {
+                break smtpd;
+            }
+            if attempt < 5 && log.contains("Address already in use") {
+                continue;
+            }
+            panic!(
+                "postfix start failed ({}): {}{}\nmaillog:\n{log}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
         };
-        let mut main_cf = fill(contrib("throwaway-main.cf"));
-        main_cf.push('\n');
-        main_cf.push_str(&wire(&contrib("main.cf"), wiring));
-        for (k, v) in extra {
-            main_cf.push_str(&format!("{k} = {v}\n"));
-        }
-        let etc = root.join("etc");
-        write_aged(&etc.join("main.cf"), &main_cf);
-        write_aged(
-            &etc.join("master.cf"),
-            &fill(contrib("throwaway-master.cf")),
-        );
-
-        let pf = Postfix {
-            dir,
-            smtpd: SocketAddr::from(([127, 0, 0, 1], smtpd_port)),
-        };
-        pf.postfix(&["check"]);
-        pf.postfix(&["start"]);
+        let pf = Postfix { dir, smtpd: pf };
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(pf.smtpd).is_err() {
             if Instant::now() > deadline {
