@@ -9,9 +9,16 @@ use mail_auth::{
 };
 
 pub fn authenticator(config: &DnsConfig) -> Result<MessageAuthenticator, String> {
+    let mut options = ResolverOpts::default();
+    options.timeout = config.timeout.get();
+    options.attempts = 1;
+    options.cache_size = config.cache_size;
+    options.negative_max_ttl = Some(config.negative_ttl_max.get());
     if config.nameservers.is_empty() {
-        return MessageAuthenticator::new_system_conf()
-            .map_err(|e| format!("cannot read the system's resolver configuration: {e}"));
+        let (resolvers, _) = mail_auth::hickory_resolver::system_conf::read_system_conf()
+            .map_err(|e| format!("cannot read the system's resolver configuration: {e}"))?;
+        return MessageAuthenticator::new(resolvers, options)
+            .map_err(|e| format!("cannot set up the DNS resolver: {e}"));
     }
     let mut servers = Vec::new();
     for ns in &config.nameservers {
@@ -22,9 +29,6 @@ pub fn authenticator(config: &DnsConfig) -> Result<MessageAuthenticator, String>
         }
         servers.push(server);
     }
-    let mut options = ResolverOpts::default();
-    options.timeout = config.timeout.get();
-    options.attempts = 1;
     MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), options)
         .map_err(|e| format!("cannot set up the DNS resolver: {e}"))
 }

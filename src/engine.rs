@@ -84,6 +84,7 @@ pub struct Engine {
     /// targets then tempfail.
     webhooks: Option<crate::webhooks::Webhooks>,
     srs: Option<crate::srs::Srs>,
+    sealer: Option<crate::checks::auth::Sealer>,
     hostname: String,
 }
 
@@ -161,6 +162,13 @@ impl Engine {
         } else {
             None
         };
+        let sealer = match crate::checks::auth::Sealer::from_config(&config.arc) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("ARC sealing is off: {e}");
+                None
+            }
+        };
         let webhooks = match crate::webhooks::Webhooks::new(&config.webhooks) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -189,8 +197,195 @@ impl Engine {
             aliases,
             webhooks,
             srs,
+            sealer,
             hostname,
         }
+    }
+
+    /// The authserv-id of Authentication-Results.
+    pub fn authserv_id(&self) -> &str {
+        if self.config.auth.authserv_id.is_empty() {
+            &self.hostname
+        } else {
+            &self.config.auth.authserv_id
+        }
+    }
+
+    /// Most bytes of one message kept in memory.
+    pub fn max_buffered_message(&self) -> u64 {
+        match self.config.content.max_message_size.0 {
+            0 => self.config.webhooks.max_message_size.0,
+            n => n,
+        }
+    }
+
+    /// The content rules at the end of the message, then the 5-day retry
+    /// cutoff (by fingerprint), logged and counted.
+    pub async fn content_decision(
+        &self,
+        env: &Envelope,
+        headers: &[(String, String)],
+        size: u64,
+        raw: &[u8],
+    ) -> Decision {
+        let c = &self.config.content;
+        if let Some((verdict, reason)) = crate::checks::content::check(c, headers, size, raw) {
+            return self.decide(
+                Stage::EndOfMessage,
+                env,
+                crate::checks::content::NAME,
+                verdict,
+                reason,
+                c.mode,
+            );
+        }
+        if let Some(max) = c.max_retry_period
+            && env.client_addr.is_some()
+        {
+            let key = crate::store::Key::hashed("first", &[&fingerprint(env, headers, raw)]);
+            let now = self
+                .clock
+                .now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            // Kept past the period, so the retry after it is recognised.
+            let ttl = max.get() + std::time::Duration::from_secs(86_400);
+            let first = match Box::pin(self.store.set_if_absent(
+                &key,
+                now.to_string().as_bytes(),
+                ttl,
+            ))
+            .await
+            {
+                Ok(true) => now,
+                Ok(false) => Box::pin(self.store.get(&key))
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(now),
+                Err(e) => {
+                    let v = self.store_failed(crate::checks::content::NAME, &e);
+                    if v.is_final() {
+                        return self.decide(
+                            Stage::EndOfMessage,
+                            env,
+                            crate::checks::content::NAME,
+                            v,
+                            format!("state store: {e}"),
+                            c.mode,
+                        );
+                    }
+                    now
+                }
+            };
+            if now.saturating_sub(first) > max.get().as_secs() {
+                let reply = Reply::new(
+                    550,
+                    "5.4.7",
+                    format!(
+                        "This message has been retried for the maximum period of {max} and has permanently failed"
+                    ),
+                );
+                return self.decide(
+                    Stage::EndOfMessage,
+                    env,
+                    crate::checks::content::NAME,
+                    Verdict::Reject(reply),
+                    format!("first seen {}s ago", now - first),
+                    c.mode,
+                );
+            }
+        }
+        self.passed(crate::checks::content::NAME);
+        Decision::pass()
+    }
+
+    /// SPF, DKIM, ARC and DMARC for the message, and the decision on them
+    /// (logged and counted). `None` when authentication is off or the
+    /// message has no SMTP client (mail Postfix made itself).
+    pub async fn authenticate(
+        &self,
+        env: &Envelope,
+        raw: &[u8],
+    ) -> Option<(Decision, crate::checks::auth::AuthFindings<'_>)> {
+        if !self.config.auth.enabled {
+            return None;
+        }
+        let mut findings = Box::pin(crate::checks::auth::authenticate(
+            &self.auth,
+            &self.config.auth,
+            self.authserv_id(),
+            &self.hostname,
+            env,
+            raw,
+        ))
+        .await?;
+        let decision = match findings.refusal.take() {
+            Some((verdict, reason)) => self.decide(
+                Stage::EndOfMessage,
+                env,
+                crate::checks::auth::NAME,
+                verdict,
+                format!("{reason} ({})", findings.summary),
+                self.config.auth.mode,
+            ),
+            None => {
+                self.decide(
+                    Stage::EndOfMessage,
+                    env,
+                    crate::checks::auth::NAME,
+                    Verdict::Continue,
+                    findings.summary.clone(),
+                    None,
+                );
+                Decision::pass()
+            }
+        };
+        Some((decision, findings))
+    }
+
+    /// The friendly From of a forwarded message that would fail DMARC at
+    /// its target: `(new From, original From)`.
+    pub fn friendly_from(
+        &self,
+        findings: &crate::checks::auth::AuthFindings<'_>,
+        headers: &[(String, String)],
+    ) -> Option<(String, String)> {
+        let a = &self.config.auth;
+        if !a.friendly_from || !findings.strict_dmarc || findings.dkim_aligned {
+            return None;
+        }
+        if a.friendly_from_exempt
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(&findings.from_domain))
+        {
+            return None;
+        }
+        let original = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("from"))
+            .map(|(_, v)| v.trim().to_owned())?;
+        let address = if a.friendly_from_address.is_empty() {
+            format!("noreply@{}", self.hostname)
+        } else {
+            a.friendly_from_address.clone()
+        };
+        Some((
+            crate::checks::auth::friendly_from(&original, &address),
+            original,
+        ))
+    }
+
+    /// The ARC set for the message as it leaves, if sealing is configured.
+    pub async fn arc_seal(
+        &self,
+        final_message: &[u8],
+        results: &mail_auth::AuthenticationResults<'_>,
+    ) -> Option<Result<Vec<(String, String)>, String>> {
+        let sealer = self.sealer.as_ref()?;
+        Some(Box::pin(sealer.seal(&self.auth, final_message, results)).await)
     }
 
     pub fn srs(&self) -> Option<&crate::srs::Srs> {

@@ -152,7 +152,7 @@ async fn dns_with_rules() -> DnsServer {
     assert!(long.len() > 255);
     dns.add_txt("example.com", &long);
     dns.add_txt("example.com", "forward-email=!!!closed");
-    dns.add_txt("example.com", "v=spf1 -all");
+    dns.add_txt("example.com", "v=spf1 ?all");
     dns
 }
 

@@ -171,6 +171,9 @@ async fn the_trace_header_can_be_turned_off() {
     let mut conn = open(&d).await;
     message(&mut conn, "198.51.100.1", &["alice@example.org"]).await;
     conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("From", " bob@example.com")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, Status::Accept);
@@ -226,6 +229,9 @@ async fn a_new_message_on_the_same_connection_starts_clean() {
         Status::Continue
     );
     conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("From", " bob@example.com")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     let (_, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, Status::Accept);
@@ -246,6 +252,9 @@ async fn stop_lets_a_message_in_flight_finish() {
         "the milter socket must be closed"
     );
     // ...but the message in flight completes.
+    conn.header("From", " bob@example.com")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.header("Subject", " late")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -273,6 +282,9 @@ async fn unix_socket_milter() {
         .unwrap_or_else(|e| panic!("{e}"));
     message(&mut conn, "198.51.100.1", &["a@example.org"]).await;
     conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("From", " bob@example.com")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
     let (actions, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, Status::Accept);
@@ -362,6 +374,9 @@ async fn whole_message(conn: &mut TestConnection, body_len: usize) -> Status {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+    conn.header("From", " bob@example.com")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     conn.header("Subject", " budget")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -405,5 +420,40 @@ async fn daily_budgets_refuse_at_the_end_of_the_message() {
         .unwrap_or_else(|e| panic!("{e}"));
     for _ in 0..3 {
         assert_eq!(whole_message(&mut conn, 10).await, Status::Accept);
+    }
+}
+
+/// The content rules through the milter protocol alone.
+#[tokio::test]
+async fn content_rules_refuse_with_their_codes_at_the_end_of_the_message() {
+    let d = Mxguard::start("").await;
+    for (headers, body, reply) in [
+        (
+            vec![("Subject", " no from")],
+            "Hi.\r\n",
+            "550 5.7.1 Your message is not RFC 5322 compliant, please include a valid \"From\" header",
+        ),
+        (
+            vec![("From", " not an address")],
+            "Hi.\r\n",
+            "550 5.7.1 Your message must contain one valid email address in the \"From\" header",
+        ),
+        (
+            vec![("From", " bob@example.com")],
+            "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n",
+            "554 5.7.1 Message detected as spam (it contains the GTUBE test string)",
+        ),
+    ] {
+        let mut conn = open(&d).await;
+        message(&mut conn, "198.51.100.1", &["alice@example.org"]).await;
+        conn.data().await.unwrap_or_else(|e| panic!("{e}"));
+        for (n, v) in &headers {
+            conn.header(*n, *v).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        conn.eoh().await.unwrap_or_else(|e| panic!("{e}"));
+        conn.body(body).await.unwrap_or_else(|e| panic!("{e}"));
+        let (_, status) = conn.eom().await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(status, Status::Reject { .. }), "{status:?}");
+        assert_eq!(rejected_with(&status), reply, "{headers:?}");
     }
 }

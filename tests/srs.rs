@@ -173,7 +173,12 @@ async fn only_forwarded_mail_is_rewritten() {
     let t = send(&s.postfix, "me@mxguard.test", &["alice@example.org"], &msg).await;
     assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
     // The null sender: unchanged.
-    let msg = smtp::message("", "alice@example.org", "hi", "Hello.\r\n");
+    let msg = smtp::message(
+        "mailer-daemon@example.com",
+        "alice@example.org",
+        "hi",
+        "Hello.\r\n",
+    );
     let t = send(&s.postfix, "", &["alice@example.org"], &msg).await;
     assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
     let all = s.sink.wait_for(4, Duration::from_secs(20)).await;

@@ -3,9 +3,11 @@
 //! verdict; none of them touches a socket.
 
 pub mod allowlist;
+pub mod auth;
 pub mod autodeny;
 pub mod backscatter;
 pub mod clients;
+pub mod content;
 pub mod denylist;
 pub mod greylist;
 pub mod oplists;

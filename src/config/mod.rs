@@ -46,9 +46,9 @@ pub struct Config {
     pub denylist: DenylistConfig,
     pub ratelimit: RatelimitConfig,
     pub backscatter: BackscatterConfig,
-    pub auth: Section,
-    pub arc: Section,
-    pub content: Section,
+    pub auth: AuthConfig,
+    pub arc: ArcConfig,
+    pub content: ContentConfig,
     pub webhooks: WebhooksConfig,
 }
 
@@ -418,6 +418,10 @@ pub struct DnsConfig {
     /// `IP` or `IP:PORT` (IPv6 as `[IP]:PORT`); empty: the system resolver.
     pub nameservers: Vec<String>,
     pub timeout: Duration,
+    /// Answers kept in the resolver's cache (each for its TTL).
+    pub cache_size: u64,
+    /// Longest a negative answer (NXDOMAIN, no data) is kept.
+    pub negative_ttl_max: Duration,
 }
 
 impl Default for DnsConfig {
@@ -425,6 +429,8 @@ impl Default for DnsConfig {
         Self {
             nameservers: Vec::new(),
             timeout: Duration::from_secs(5),
+            cache_size: 8192,
+            negative_ttl_max: Duration::from_secs(300),
         }
     }
 }
@@ -491,6 +497,92 @@ pub enum DomainSource {
     #[default]
     Config,
     Dns,
+}
+
+/// The end-of-message content rules; each can be switched off.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContentConfig {
+    /// Largest message (headers and body) accepted, and kept in memory;
+    /// 0: no limit of mxguard's (Postfix's message_size_limit still holds).
+    pub max_message_size: Size,
+    /// Exactly one valid address in exactly one From header.
+    pub require_from: bool,
+    /// Most Received headers before the message counts as looping; 0: off.
+    pub max_received: usize,
+    /// Refuse the GTUBE test string.
+    pub gtube: bool,
+    /// Refuse the reference's extortion and phishing subjects.
+    pub spam_subjects: bool,
+    /// Refuse a message (by fingerprint) retried for longer than this; null: off.
+    pub max_retry_period: Option<Duration>,
+    pub mode: Option<Mode>,
+}
+
+impl Default for ContentConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size: Size(52_428_800),
+            require_from: true,
+            max_received: 25,
+            gtube: true,
+            spam_subjects: true,
+            max_retry_period: Some(Duration::from_secs(5 * 86_400)),
+            mode: None,
+        }
+    }
+}
+
+/// SPF, DKIM, ARC and DMARC at the end of the message.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Verify and add Authentication-Results.
+    pub enabled: bool,
+    /// The authserv-id of Authentication-Results; empty: `hostname`.
+    pub authserv_id: String,
+    /// Refuse DMARC failures of domains with `p=reject`.
+    pub dmarc_reject: bool,
+    /// Refuse SPF hard failures without an aligned DKIM signature.
+    pub spf_reject: bool,
+    /// ARC sealers (the `d=` of the latest ARC-Seal) whose passing chain
+    /// overrides a DMARC failure.
+    pub trusted_arc_sealers: Vec<String>,
+    /// Rewrite From on forwarded mail that would fail DMARC at the target.
+    pub friendly_from: bool,
+    /// The address friendly-from puts in From; empty: `noreply@HOSTNAME`.
+    pub friendly_from_address: String,
+    /// From domains friendly-from leaves alone.
+    pub friendly_from_exempt: Vec<String>,
+    pub mode: Option<Mode>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            authserv_id: String::new(),
+            dmarc_reject: true,
+            spf_reject: true,
+            trusted_arc_sealers: Vec::new(),
+            friendly_from: true,
+            friendly_from_address: String::new(),
+            friendly_from_exempt: Vec::new(),
+            mode: None,
+        }
+    }
+}
+
+/// ARC sealing of forwarded messages.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArcConfig {
+    /// The signing domain (`d=`); empty: no sealing.
+    pub domain: String,
+    /// The selector (`s=`), published at SELECTOR._domainkey.DOMAIN.
+    pub selector: String,
+    /// A PEM private key: Ed25519 (PKCS#8) or RSA (PKCS#1 or PKCS#8).
+    pub key_file: Option<PathBuf>,
 }
 
 /// The Sender Rewriting Scheme, in postsrsd's format.
@@ -661,9 +753,9 @@ impl Default for Config {
             denylist: DenylistConfig::default(),
             ratelimit: RatelimitConfig::default(),
             backscatter: BackscatterConfig::default(),
-            auth: Section::default(),
-            arc: Section::default(),
-            content: Section::default(),
+            auth: AuthConfig::default(),
+            arc: ArcConfig::default(),
+            content: ContentConfig::default(),
             webhooks: WebhooksConfig::default(),
         }
     }
@@ -707,6 +799,7 @@ impl Config {
         };
         config.validate().map_err(invalid)?;
         config.srs.load_secrets().map_err(invalid)?;
+        crate::checks::auth::Sealer::from_config(&config.arc).map_err(invalid)?;
         Ok(config)
     }
 
@@ -784,6 +877,26 @@ impl Config {
             ));
         }
         self.srs.validate()?;
+        if !self.arc.domain.is_empty() {
+            if !crate::aliases::grammar::is_fqdn(&self.arc.domain.to_lowercase()) {
+                return Err(format!(
+                    "arc.domain `{}` is not a domain name",
+                    self.arc.domain
+                ));
+            }
+            if self.arc.selector.is_empty() || self.arc.key_file.is_none() {
+                return Err(
+                    "arc.domain is set: arc.selector and arc.key_file are needed too".into(),
+                );
+            }
+        }
+        if self
+            .auth
+            .friendly_from_address
+            .contains(|c: char| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
+        {
+            return Err("auth.friendly_from_address must be a bare address".into());
+        }
         if self.webhooks.retries > 10 {
             return Err(format!(
                 "webhooks.retries is {}: at most 10, or Postfix gives up on the milter first",

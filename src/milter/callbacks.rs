@@ -270,6 +270,17 @@ async fn apply(
                 .await
                 .map_err(|e| format!("cannot delete the {name} header: {e}"))?;
         }
+        for (name, index, value) in &outcome.change_headers {
+            let value = if leading_space {
+                format!(" {value}")
+            } else {
+                value.clone()
+            };
+            cx.actions
+                .change_header(name.as_str(), *index, Some(value))
+                .await
+                .map_err(|e| format!("cannot change the {name} header: {e}"))?;
+        }
         // Inserted at the top one by one: the last insert ends up first.
         for (name, value) in outcome.insert_headers.iter().rev() {
             // With LEADING_SPACE negotiated the MTA adds no space after the colon.

@@ -28,6 +28,8 @@ pub struct Session {
     raw: Option<Vec<u8>>,
     raw_wanted: bool,
     raw_too_big: bool,
+    /// Where the body starts in `raw`.
+    body_start: usize,
     /// Held from MAIL FROM to the end or abort of the message, so a stopping
     /// daemon can wait for messages in flight.
     message: Option<InFlightGuard>,
@@ -57,6 +59,8 @@ pub struct EndOfMessage {
     pub add_recipients: Vec<(String, Option<String>)>,
     /// The SRS envelope sender of a forwarded message.
     pub new_sender: Option<String>,
+    /// Existing headers to replace: name, 1-based index, new value.
+    pub change_headers: Vec<(String, i32, String)>,
     pub verdict: Verdict,
 }
 
@@ -72,6 +76,7 @@ impl Session {
             raw: None,
             raw_wanted: false,
             raw_too_big: false,
+            body_start: 0,
             message: None,
             in_flight,
             leading_space: false,
@@ -247,45 +252,46 @@ impl Session {
     pub fn header(&mut self, name: &str, value: &str) {
         let line = name.len() + value.len() + 4;
         self.add_size(line);
+        let stripped = if self.leading_space {
+            value.strip_prefix(' ').unwrap_or(value)
+        } else {
+            value
+        };
         if self.header_bytes + line <= MAX_HEADER_BYTES {
             self.header_bytes += line;
-            let value = if self.leading_space {
-                value.strip_prefix(' ').unwrap_or(value)
-            } else {
-                value
-            };
-            self.headers.push((name.to_owned(), value.to_owned()));
+            self.headers.push((name.to_owned(), stripped.to_owned()));
         }
-        if self.raw_wanted {
-            let value = if self.leading_space {
-                value.strip_prefix(' ').unwrap_or(value)
-            } else {
-                value
-            };
-            self.raw_push(format!("{name}: {value}\r\n").as_bytes());
-        }
+        // The exact header line for DKIM: with LEADING_SPACE the value
+        // keeps its own leading white space; folded lines get CRLF.
+        let text = if self.leading_space {
+            format!("{name}:{value}")
+        } else {
+            format!("{name}: {value}")
+        };
+        self.raw_push(crlf(&text).as_bytes());
+        self.raw_push(b"\r\n");
     }
 
     pub fn end_of_headers(&mut self) {
-        if self.raw_wanted {
-            self.raw_push(b"\r\n");
-        }
+        self.raw_push(b"\r\n");
+        self.body_start = self.raw.as_ref().map_or(0, Vec::len);
     }
 
     pub fn body(&mut self, chunk: &[u8]) {
         self.add_size(chunk.len());
-        if self.raw_wanted {
-            self.raw_push(chunk);
-        }
+        self.raw_push(chunk);
     }
 
+    /// Keeps the message in memory (for DKIM, content rules, webhooks and
+    /// ARC) up to the configured size; past it, nothing more is kept and
+    /// the message is refused at its end.
     fn raw_push(&mut self, bytes: &[u8]) {
         if self.raw_too_big {
             return;
         }
-        let max = self.engine.max_webhook_message();
+        let max = self.engine.max_buffered_message();
         let raw = self.raw.get_or_insert_with(Vec::new);
-        if (raw.len() + bytes.len()) as u64 > max {
+        if max > 0 && (raw.len() + bytes.len()) as u64 > max {
             self.raw = None;
             self.raw_too_big = true;
             return;
@@ -323,6 +329,27 @@ impl Session {
                 ..EndOfMessage::default()
             };
         }
+        let engine = self.engine.clone();
+        let raw = self.raw.take().unwrap_or_default();
+        let content = engine
+            .content_decision(&self.envelope, &self.headers, self.size, &raw)
+            .await;
+        if content.verdict.is_final() {
+            return EndOfMessage {
+                verdict: content.verdict,
+                ..EndOfMessage::default()
+            };
+        }
+        let auth = engine.authenticate(&self.envelope, &raw).await;
+        if let Some((d, _)) = &auth
+            && d.verdict.is_final()
+        {
+            return EndOfMessage {
+                verdict: d.verdict.clone(),
+                ..EndOfMessage::default()
+            };
+        }
+        self.raw = Some(raw);
         // Bounces on the SRS reverse path that must not be relayed are
         // accepted and dropped.
         if self.envelope.sender.as_deref() == Some("") && self.recipients.iter().any(|r| r.srs) {
@@ -407,6 +434,53 @@ impl Session {
         eom.insert_headers
             .extend(plan.insert_headers.iter().cloned());
         eom.delete_headers = plan.delete_headers.clone();
+        if let Some((_, findings)) = &auth {
+            // Authentication-Results claiming to be ours are forged: they go,
+            // and ours comes first.
+            let id = engine.authserv_id();
+            let ours: Vec<usize> = self
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("authentication-results"))
+                .enumerate()
+                .filter(|(_, (_, v))| {
+                    v.split(';')
+                        .next()
+                        .is_some_and(|a| a.trim().eq_ignore_ascii_case(id))
+                })
+                .map(|(i, _)| i + 1)
+                .collect();
+            for i in ours.into_iter().rev() {
+                eom.delete_headers.push((
+                    "Authentication-Results".to_owned(),
+                    i32::try_from(i).unwrap_or(i32::MAX),
+                ));
+            }
+            eom.insert_headers.insert(
+                0,
+                ("Authentication-Results".to_owned(), findings.header.clone()),
+            );
+            if plan.forwarded
+                && let Some((from, original)) = engine.friendly_from(findings, &self.headers)
+            {
+                info!(
+                    queue_id = show(&self.envelope.queue_id),
+                    from = %original,
+                    "friendly-from: From rewritten, the original From's DMARC policy would fail at the target"
+                );
+                eom.change_headers.push(("From".to_owned(), 1, from));
+                eom.insert_headers
+                    .push(("X-Original-From".to_owned(), rewrite::clean(&original)));
+                if !self
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case("reply-to"))
+                {
+                    eom.insert_headers
+                        .push(("Reply-To".to_owned(), rewrite::clean(&original)));
+                }
+            }
+        }
         eom.delete_recipients = plan.delete.clone();
         if let Some(sender) = self.envelope.sender.as_deref()
             && !plan.forwarded_to.is_empty()
@@ -415,6 +489,32 @@ impl Session {
         }
         let args = plan.no_bounce.map(|_| "NOTIFY=NEVER".to_owned());
         eom.add_recipients = plan.add.iter().map(|a| (a.clone(), args.clone())).collect();
+        // ARC seal over the message as it will leave.
+        if plan.forwarded
+            && let Some((_, findings)) = &auth
+            && let Some(results) = findings.results.as_ref()
+        {
+            let body = self
+                .raw
+                .as_deref()
+                .and_then(|r| r.get(self.body_start..))
+                .unwrap_or_default();
+            let message = final_message(&eom, &self.headers, body);
+            match engine.arc_seal(&message, results).await {
+                Some(Ok(set)) => {
+                    let mut headers = set;
+                    headers.append(&mut eom.insert_headers);
+                    eom.insert_headers = headers;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(
+                        queue_id = show(&self.envelope.queue_id),
+                        "forwarded without an ARC seal: {e}"
+                    );
+                }
+                None => {}
+            }
+        }
         self.log_forwarding(&plan, &Verdict::Accept);
         info!(
             queue_id = show(&self.envelope.queue_id),
@@ -457,9 +557,55 @@ impl Session {
         self.raw = None;
         self.raw_wanted = false;
         self.raw_too_big = false;
+        self.body_start = 0;
         self.size = 0;
         self.message = None;
     }
+}
+
+/// The message as it will leave mxguard: the inserted headers on top, the
+/// received ones with the deletions and changes made, then the body.
+fn final_message(eom: &EndOfMessage, headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4096);
+    for (n, v) in &eom.insert_headers {
+        out.extend_from_slice(crlf(&format!("{n}: {v}\r\n")).as_bytes());
+    }
+    let mut seen: std::collections::HashMap<String, i32> = std::collections::HashMap::new();
+    for (n, v) in headers {
+        let count = seen.entry(n.to_ascii_lowercase()).or_insert(0);
+        *count += 1;
+        let index = *count;
+        if eom
+            .delete_headers
+            .iter()
+            .any(|(d, i)| d.eq_ignore_ascii_case(n) && *i == index)
+        {
+            continue;
+        }
+        let value = eom
+            .change_headers
+            .iter()
+            .find(|(c, i, _)| c.eq_ignore_ascii_case(n) && *i == index)
+            .map_or(v.as_str(), |(_, _, new)| new.as_str());
+        out.extend_from_slice(crlf(&format!("{n}: {value}\r\n")).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Lone LF (how Postfix passes folded header lines) as CRLF.
+fn crlf(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut prev = '\0';
+    for c in s.chars() {
+        if c == '\n' && prev != '\r' {
+            out.push('\r');
+        }
+        out.push(c);
+        prev = c;
+    }
+    out
 }
 
 /// `<a@b>` → `a@b`; Postfix passes MAIL and RCPT arguments with brackets.

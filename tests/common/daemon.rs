@@ -1,6 +1,7 @@
 //! mxguard run in-process through `mxguard::run`, on free loopback ports,
 //! with a configuration file of the test's own (so reloads read a real file).
 
+use super::dns::DnsServer;
 use mxguard::{ConfigFile, Listeners, config::ListenAddr};
 use std::{
     net::SocketAddr,
@@ -20,6 +21,9 @@ pub struct Mxguard {
     pub policy: Option<ListenAddr>,
     pub socketmap: Option<ListenAddr>,
     pub http: Option<ListenAddr>,
+    /// The loopback DNS server the daemon asks (unless the test's YAML
+    /// names another).
+    pub dns: DnsServer,
     config_path: PathBuf,
     reload: mpsc::Sender<()>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -42,7 +46,7 @@ pub fn init_log() {
 
 /// Every front end on a free loopback port, the store in the test's
 /// directory; `extra` (YAML) is merged over it, key by key.
-pub fn config_yaml(dir: &Path, extra: &str) -> String {
+pub fn config_yaml(dir: &Path, dns: SocketAddr, extra: &str) -> String {
     let base = format!(
         "milter: {{ listen: \"inet:127.0.0.1:0\" }}\n\
          policy: {{ listen: \"inet:127.0.0.1:0\" }}\n\
@@ -51,7 +55,8 @@ pub fn config_yaml(dir: &Path, extra: &str) -> String {
          store: {{ path: \"{}/state.db\" }}\n\
          hostname: mx.mxguard.test\n\
          greylist: {{ enabled: false }}\n\
-         shutdown_timeout: 5s\n",
+         shutdown_timeout: 5s\n\
+         dns: {{ nameservers: [\"{dns}\"], timeout: 2s }}\n",
         dir.display()
     );
     let mut value: serde_yaml::Value =
@@ -88,7 +93,12 @@ impl Mxguard {
             .tempdir()
             .unwrap_or_else(|e| panic!("temporary directory: {e}"));
         let config_path = dir.path().join("mxguard.yaml");
-        std::fs::write(&config_path, config_yaml(dir.path(), extra))
+        // Every lookup of the daemon (SPF, DKIM, DMARC, TXT rules) goes to
+        // this loopback server: NXDOMAIN unless a test adds records.
+        let dns = DnsServer::start()
+            .await
+            .unwrap_or_else(|e| panic!("test DNS server: {e}"));
+        std::fs::write(&config_path, config_yaml(dir.path(), dns.addr(), extra))
             .unwrap_or_else(|e| panic!("cannot write the test config: {e}"));
         let file =
             ConfigFile::load(&config_path).unwrap_or_else(|e| panic!("test config rejected: {e}"));
@@ -111,6 +121,7 @@ impl Mxguard {
             policy,
             socketmap,
             http,
+            dns,
             config_path,
             reload: reload_tx,
             shutdown: Some(shutdown_tx),
@@ -157,7 +168,7 @@ impl Mxguard {
     /// Rewrites the configuration file (test base plus `extra`) and asks
     /// the daemon to reload it, as SIGHUP does.
     pub async fn reconfigure(&self, extra: &str) {
-        self.write_config(&config_yaml(self.dir.path(), extra));
+        self.write_config(&config_yaml(self.dir.path(), self.dns.addr(), extra));
         self.reload().await;
     }
 
