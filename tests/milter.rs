@@ -426,7 +426,11 @@ async fn daily_budgets_refuse_at_the_end_of_the_message() {
 /// The content rules through the milter protocol alone.
 #[tokio::test]
 async fn content_rules_refuse_with_their_codes_at_the_end_of_the_message() {
-    let d = Mxguard::start("").await;
+    let d = Mxguard::start("content: { max_message_size: 1KB }").await;
+    let loop_headers: Vec<(&str, &str)> = std::iter::once(("From", " bob@example.com"))
+        .chain(std::iter::repeat_n(("Received", " from a by b"), 26))
+        .collect();
+    let big: &'static str = Box::leak("x".repeat(2000).into_boxed_str());
     for (headers, body, reply) in [
         (
             vec![("Subject", " no from")],
@@ -442,6 +446,24 @@ async fn content_rules_refuse_with_their_codes_at_the_end_of_the_message() {
             vec![("From", " bob@example.com")],
             "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n",
             "554 5.7.1 Message detected as spam (it contains the GTUBE test string)",
+        ),
+        (
+            loop_headers.clone(),
+            "Hi.\r\n",
+            "550 5.4.6 Message was stuck in a redirect loop",
+        ),
+        (
+            vec![
+                ("From", " bob@example.com"),
+                ("Subject", " You've been HACKED"),
+            ],
+            "Hi.\r\n",
+            "554 5.7.1 Message detected as spam (its subject matches a known extortion or phishing pattern)",
+        ),
+        (
+            vec![("From", " bob@example.com")],
+            big,
+            "552 5.3.4 Message size exceeds the limit of 1024 bytes",
         ),
     ] {
         let mut conn = open(&d).await;

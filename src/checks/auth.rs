@@ -68,10 +68,13 @@ pub async fn authenticate<'a>(
     };
     let helo = env.helo.clone().unwrap_or_else(|| format!("[{ip}]"));
     let sender = env.sender.clone().unwrap_or_default();
+    // SPF of HELO (reported), and of MAIL FROM (decides; HELO's again for
+    // the null sender).
+    let spf_helo = resolver
+        .verify_spf(SpfParameters::verify_ehlo(ip, &helo, hostname))
+        .await;
     let spf = if sender.is_empty() {
-        resolver
-            .verify_spf(SpfParameters::verify_ehlo(ip, &helo, hostname))
-            .await
+        spf_helo.clone()
     } else {
         resolver
             .verify_spf(SpfParameters::verify_mail_from(
@@ -96,11 +99,10 @@ pub async fn authenticate<'a>(
     let from = message.from().to_owned();
     let from_domain = from.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase();
     let mut results = AuthenticationResults::new(authserv_id).with_dkim_results(&dkim, &from);
-    results = if sender.is_empty() {
-        results.with_spf_ehlo_result(&spf, ip, &helo)
-    } else {
-        results.with_spf_mailfrom_result(&spf, ip, &sender, &helo)
-    };
+    results = results.with_spf_ehlo_result(&spf_helo, ip, &helo);
+    if !sender.is_empty() {
+        results = results.with_spf_mailfrom_result(&spf, ip, &sender, &helo);
+    }
     let results = results.with_arc_result(&arc, ip).with_dmarc_result(&dmarc);
     let dkim_aligned = !from_domain.is_empty()
         && dkim.iter().any(|d| {
