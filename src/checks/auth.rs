@@ -561,4 +561,46 @@ mod tests {
         );
         assert!(hostile.ends_with("\" <n@f.example>"), "{hostile}");
     }
+
+    #[tokio::test]
+    async fn a_header_block_that_does_not_parse_is_refused() {
+        let dns = crate::config::DnsConfig {
+            nameservers: vec!["127.0.0.1:9".into()],
+            ..Default::default()
+        };
+        let resolver = crate::dns::authenticator(&dns).unwrap();
+        let env = Envelope {
+            client_addr: "192.0.2.1".parse().ok(),
+            ..Envelope::default()
+        };
+        let c = AuthConfig::default();
+        let found = authenticate(
+            &resolver,
+            &c,
+            "mx",
+            "mx",
+            &env,
+            b"\r\nno headers at all\r\n",
+        )
+        .await
+        .unwrap();
+        let (v, _) = found.refusal.unwrap();
+        assert_eq!(
+            v.reply().map(ToString::to_string).as_deref(),
+            Some("550 5.6.0 Headers unable to be parsed")
+        );
+        // Mail without an SMTP client (Postfix's own) is not checked.
+        assert!(
+            authenticate(
+                &resolver,
+                &c,
+                "mx",
+                "mx",
+                &Envelope::default(),
+                b"From: a@b.example\r\n\r\n"
+            )
+            .await
+            .is_none()
+        );
+    }
 }
