@@ -33,6 +33,8 @@ pub struct Services {
     pub feeds: Arc<Feeds>,
     /// Parsed TXT forwarding rules, kept across reloads.
     pub txt_cache: Arc<TxtCache>,
+    /// Aliases provisioned from membership rosters, kept across reloads.
+    pub rosters: Arc<crate::roster::Rosters>,
 }
 
 pub use crate::checks::oplists::{Entry as ListEntry, List};
@@ -142,8 +144,10 @@ impl Engine {
             store,
             feeds,
             txt_cache,
+            rosters,
         } = services;
-        let aliases = Aliases::new(&config, Some(auth.clone()), txt_cache);
+        rosters.configure(&config);
+        let aliases = Aliases::new(&config, Some(auth.clone()), txt_cache).with_rosters(rosters);
         let srs = if config.srs.enabled() {
             let c = &config.srs;
             match crate::srs::Srs::new(
@@ -1188,13 +1192,15 @@ mod tests {
             nameservers: vec!["127.0.0.1:9".into()],
             ..Default::default()
         };
+        let metrics = Arc::new(Metrics::new()?);
         let services = Services {
-            metrics: Arc::new(Metrics::new()?),
+            metrics: metrics.clone(),
             auth: Arc::new(crate::dns::authenticator(&dns)?),
             clock: Arc::new(SystemClock),
-            store,
+            store: store.clone(),
             feeds: Arc::new(Feeds::default()),
             txt_cache: Arc::new(TxtCache::new(100)),
+            rosters: Arc::new(crate::roster::Rosters::new(store, metrics)),
         };
         let engine = Engine::new(Arc::new(config), services);
         Ok((engine, dir))

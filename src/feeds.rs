@@ -149,7 +149,7 @@ impl Feed {
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 const MAX_FEED_BYTES: usize = 256 << 20;
 
-async fn fetch(url: &str) -> Result<Vec<u8>, String> {
+pub(crate) async fn fetch(url: &str) -> Result<Vec<u8>, String> {
     let client = reqwest::Client::builder()
         .timeout(FETCH_TIMEOUT)
         .user_agent(concat!("mxguard/", env!("CARGO_PKG_VERSION")))

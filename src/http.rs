@@ -110,6 +110,35 @@ async fn respond(stream: &mut Stream, services: &Services) {
             };
             write(stream, status, "text/plain; charset=utf-8", &body, false).await
         }
+        ("POST", "/roster/sync") => {
+            if from_loopback(stream) {
+                let query = target.split_once('?').map_or("", |(_, q)| q);
+                let flag = |name: &str| {
+                    query.split('&').any(|kv| {
+                        kv == name || kv == format!("{name}=1") || kv == format!("{name}=true")
+                    })
+                };
+                let reports = Box::pin(services.rosters.sync(flag("dry_run"), flag("force"))).await;
+                let body = serde_json::to_string_pretty(&reports).unwrap_or_else(|_| "[]".into());
+                write(
+                    stream,
+                    "200 OK",
+                    "application/json",
+                    &format!("{body}\n"),
+                    false,
+                )
+                .await
+            } else {
+                write(
+                    stream,
+                    "403 Forbidden",
+                    "text/plain",
+                    "roster requests are taken from loopback clients only\n",
+                    false,
+                )
+                .await
+            }
+        }
         ("GET" | "HEAD", _) => {
             write(
                 stream,

@@ -19,6 +19,7 @@ pub mod milter;
 pub mod net;
 pub mod nobounce;
 pub mod policy;
+pub mod roster;
 pub mod socketmap;
 pub mod srs;
 pub mod store;
@@ -162,6 +163,7 @@ pub async fn run(
         store: store.clone(),
         feeds,
         txt_cache: Arc::new(aliases::TxtCache::new(TXT_CACHE_ENTRIES)),
+        rosters: Arc::new(roster::Rosters::new(store.clone(), metrics.clone())),
     };
     let current = Arc::new(CurrentEngine::new(Engine::new(
         Arc::new(file.config.clone()),
@@ -169,6 +171,27 @@ pub async fn run(
     )));
     let (stop_tx, stop_rx) = watch::channel(false);
     let in_flight = InFlight::new();
+    // Rosters: the last good sets at once, then a sync now and on every
+    // refresh interval.
+    services.rosters.load_saved().await;
+    let roster_task = {
+        let rosters = services.rosters.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                if rosters.refresh().is_some() {
+                    rosters.sync(false, false).await;
+                }
+                let wait = rosters
+                    .refresh()
+                    .unwrap_or(std::time::Duration::from_secs(60));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = net::stopping(&mut stop) => break,
+                }
+            }
+        })
+    };
     let feed_tasks: Vec<_> = services
         .feeds
         .all()
@@ -286,6 +309,7 @@ pub async fn run(
         .into_iter()
         .flatten()
         .chain(feed_tasks)
+        .chain(std::iter::once(roster_task))
     {
         t.abort();
     }

@@ -58,6 +58,14 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
         config: PathBuf,
     },
+    /// Read the membership rosters now and apply them (through http.listen).
+    Roster {
+        #[command(subcommand)]
+        action: RosterAction,
+        /// Configuration file (for http.listen).
+        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
+        config: PathBuf,
+    },
     /// Manage the run-time denylist of the running daemon (through http.listen).
     Deny {
         #[command(subcommand)]
@@ -73,6 +81,19 @@ enum Command {
         /// Configuration file (for http.listen).
         #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RosterAction {
+    /// Read every roster, show what changes, and apply it.
+    Sync {
+        /// Show what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply even a sync that removes more than max_drop of the members.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -102,6 +123,72 @@ enum ListAction {
     List,
     /// Say which entry, if any, matches an address, domain or e-mail address.
     Test { value: String },
+}
+
+fn roster_command(path: &std::path::Path, action: RosterAction) -> ExitCode {
+    let RosterAction::Sync { dry_run, force } = action;
+    let file = match ConfigFile::load(path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mxguard: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(addr) = file.config.http.listen.clone() else {
+        eprintln!(
+            "mxguard: http.listen is off in {}: rosters are synced through it",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let query = format!(
+        "/roster/sync?dry_run={}&force={}",
+        u8::from(dry_run),
+        u8::from(force)
+    );
+    let body = match mxguard::http::request(&addr, "POST", &query) {
+        Ok((200, body)) => body,
+        Ok((status, body)) => {
+            eprintln!("mxguard: the daemon answered {status}: {}", body.trim());
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        Err(e) => {
+            eprintln!("mxguard: cannot reach the daemon at {addr}: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+    let mut failed = false;
+    for r in &reports {
+        let domain = r["domain"].as_str().unwrap_or("?");
+        let state = match (r["error"].as_str(), r["applied"].as_bool()) {
+            (Some(e), _) => {
+                failed = true;
+                format!("not applied: {e}")
+            }
+            (None, Some(true)) => "applied".to_owned(),
+            _ => "dry run, nothing changed".to_owned(),
+        };
+        println!("{domain}: {} members; {state}", r["members"]);
+        for (key, mark) in [
+            ("added", "+"),
+            ("removed", "-"),
+            ("changed", "~"),
+            ("skipped", "!"),
+        ] {
+            for item in r[key].as_array().into_iter().flatten() {
+                println!("  {mark} {}", item.as_str().unwrap_or(""));
+            }
+        }
+    }
+    if reports.is_empty() {
+        println!("no domain has source: roster");
+    }
+    if failed {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn srs_command(path: &std::path::Path, action: SrsAction) -> ExitCode {
@@ -203,6 +290,7 @@ fn main() -> ExitCode {
             address,
         } => resolve_command(config, txt, &address),
         Command::Srs { action, config } => srs_command(&config, action),
+        Command::Roster { action, config } => roster_command(&config, action),
         Command::Deny { action, config } => list_command(&config, "deny", action),
         Command::Allow { action, config } => list_command(&config, "allow", action),
         Command::Run { config } => {

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub socketmap_requests: IntCounterVec,
     /// Webhook posts, by result.
     pub webhook_posts: IntCounterVec,
+    /// Roster syncs, by domain and result (ok, error, refused).
+    pub roster_syncs: IntCounterVec,
+    /// Members provisioned from each domain's roster.
+    pub roster_members: IntGaugeVec,
 }
 
 impl Metrics {
@@ -108,6 +112,20 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let roster_syncs = IntCounterVec::new(
+            Opts::new(
+                "roster_syncs_total",
+                "Roster syncs, by domain and result (ok, error, refused).",
+            ),
+            &["domain", "result"],
+        )?;
+        let roster_members = IntGaugeVec::new(
+            Opts::new(
+                "roster_members",
+                "Members provisioned from each domain's roster.",
+            ),
+            &["domain"],
+        )?;
         let feed_loads = IntCounterVec::new(
             Opts::new("feed_loads_total", "Feed reads, by result."),
             &["feed", "result"],
@@ -128,6 +146,7 @@ impl Metrics {
             &feed_loads,
             &socketmap_requests,
             &webhook_posts,
+            &roster_syncs,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -135,6 +154,7 @@ impl Metrics {
         registry.register(Box::new(decision_seconds.clone()))?;
         registry.register(Box::new(build))?;
         registry.register(Box::new(feed_entries.clone()))?;
+        registry.register(Box::new(roster_members.clone()))?;
         // Make the series visible at zero before the first event.
         for frontend in ["policy", "milter"] {
             sessions.with_label_values(&[frontend]);
@@ -157,6 +177,8 @@ impl Metrics {
             feed_loads,
             socketmap_requests,
             webhook_posts,
+            roster_syncs,
+            roster_members,
         })
     }
 

@@ -112,6 +112,9 @@ pub struct Aliases {
     resolver: Option<Arc<mail_auth::MessageAuthenticator>>,
     cache: Arc<TxtCache>,
     limits: Limits,
+    /// Domains whose aliases a membership roster provisions.
+    roster_domains: HashSet<String>,
+    rosters: Option<Arc<crate::roster::Rosters>>,
 }
 
 impl Aliases {
@@ -123,6 +126,7 @@ impl Aliases {
         let limits = Limits::default();
         let mut config_rules = HashMap::new();
         let mut dns_domains = HashSet::new();
+        let mut roster_domains = HashSet::new();
         let mut settings = HashMap::new();
         let mut wildcard = false;
         let mut default_max_forwarded = DEFAULT_MAX_FORWARDED;
@@ -144,6 +148,9 @@ impl Aliases {
                 DomainSource::Dns => {
                     dns_domains.insert(name.clone());
                 }
+                DomainSource::Roster => {
+                    roster_domains.insert(name.clone());
+                }
             }
             settings.insert(
                 name,
@@ -163,7 +170,23 @@ impl Aliases {
             resolver,
             cache,
             limits,
+            roster_domains,
+            rosters: None,
         }
+    }
+
+    /// `rules` stand for the domain's (a roster read by `mxguard resolve`).
+    pub fn with_rule_set(mut self, domain: &str, rules: Arc<RuleSet>) -> Self {
+        let domain = normalize_domain(domain);
+        self.roster_domains.remove(&domain);
+        self.config_rules.insert(domain, rules);
+        self
+    }
+
+    /// Where the rules of `source: roster` domains come from.
+    pub fn with_rosters(mut self, rosters: Arc<crate::roster::Rosters>) -> Self {
+        self.rosters = Some(rosters);
+        self
     }
 
     /// The same sources, with `records` standing in for the DNS of `domain`
@@ -183,7 +206,10 @@ impl Aliases {
     /// Whether any domain is forwarded at all (the checks are skipped
     /// otherwise).
     pub fn is_empty(&self) -> bool {
-        self.config_rules.is_empty() && self.dns_domains.is_empty() && !self.wildcard
+        self.config_rules.is_empty()
+            && self.dns_domains.is_empty()
+            && self.roster_domains.is_empty()
+            && !self.wildcard
     }
 
     pub fn max_forwarded(&self, domain: &str) -> usize {
@@ -205,6 +231,13 @@ impl Aliases {
         let domain = normalize_domain(domain);
         if let Some(set) = self.config_rules.get(&domain) {
             return Lookup::Rules(set.clone());
+        }
+        if self.roster_domains.contains(&domain) {
+            return match self.rosters.as_ref().and_then(|r| r.rules(&domain)) {
+                Some(set) => Lookup::Rules(set),
+                // Until the roster is read, nothing is accepted for good.
+                None => Lookup::Failed(format!("the roster of {domain} has not been read yet")),
+            };
         }
         let explicit = self.dns_domains.contains(&domain);
         let wildcard = self.wildcard && grammar::is_fqdn(&domain);
@@ -302,6 +335,10 @@ pub async fn explain(config: &Config, records: Vec<String>, address: &str) -> se
         crate::dns::authenticator(&config.dns).ok().map(Arc::new)
     };
     let mut aliases = Aliases::new(config, resolver, cache);
+    // Roster domains: the roster as it reads now.
+    for (domain, rules) in crate::roster::read_now(config).await {
+        aliases = aliases.with_rule_set(&domain, rules);
+    }
     if offline && let Some((_, domain)) = address.rsplit_once('@') {
         aliases = aliases.offline(domain, records);
     }

@@ -477,6 +477,51 @@ pub struct DomainConfig {
     /// HMAC-SHA256 key for the `X-Webhook-Signature` of this domain's
     /// webhooks; empty: `webhooks.key`.
     pub webhook_key: String,
+    /// Where the members come from (`source: roster`).
+    pub roster: Option<RosterConfig>,
+}
+
+/// A membership roster: a JSON or YAML list of members, each with a user
+/// name, a forwarding address and attributes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RosterConfig {
+    /// An http(s) URL of the roster.
+    pub url: Option<String>,
+    /// A local roster file (JSON or YAML).
+    pub path: Option<PathBuf>,
+    /// The member field holding the user name (the local part).
+    pub username_field: String,
+    /// The member field holding the forwarding address.
+    pub forward_field: String,
+    /// Attribute values a member must have (a list attribute must contain
+    /// the value), e.g. `{ is_valid: "true", team: "debian" }`.
+    pub require: BTreeMap<String, String>,
+    /// User names never provisioned.
+    pub banned: Vec<String>,
+    /// How often the roster is read again.
+    pub refresh: Duration,
+    /// A sync that would remove more than this fraction of the members is
+    /// refused unless forced.
+    pub max_drop: f64,
+    /// An http(s) URL that gets a JSON POST with the addresses a sync adds.
+    pub notify_webhook: String,
+}
+
+impl Default for RosterConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            path: None,
+            username_field: "username".into(),
+            forward_field: "forward".into(),
+            require: BTreeMap::new(),
+            banned: Vec::new(),
+            refresh: Duration::from_secs(600),
+            max_drop: 0.2,
+            notify_webhook: String::new(),
+        }
+    }
 }
 
 impl Default for DomainConfig {
@@ -487,6 +532,7 @@ impl Default for DomainConfig {
             port: None,
             max_forwarded: crate::aliases::DEFAULT_MAX_FORWARDED,
             webhook_key: String::new(),
+            roster: None,
         }
     }
 }
@@ -497,6 +543,8 @@ pub enum DomainSource {
     #[default]
     Config,
     Dns,
+    /// Aliases provisioned from a membership roster (`roster:`).
+    Roster,
 }
 
 /// The end-of-message content rules; each can be switched off.
@@ -920,6 +968,37 @@ impl Config {
                 return Err(format!(
                     "domains.{name}: `rules` and `port` are for `source: config`; with `source: dns` they come from the TXT records"
                 ));
+            }
+            match (d.source, &d.roster) {
+                (DomainSource::Roster, None) => {
+                    return Err(format!("domains.{name}: `source: roster` needs `roster:`"));
+                }
+                (DomainSource::Roster, Some(r)) => {
+                    if r.url.is_some() == r.path.is_some() {
+                        return Err(format!(
+                            "domains.{name}.roster: give exactly one of url and path"
+                        ));
+                    }
+                    if let Some(u) = &r.url
+                        && !(u.starts_with("http://") || u.starts_with("https://"))
+                    {
+                        return Err(format!(
+                            "domains.{name}.roster.url `{u}` must be http:// or https://"
+                        ));
+                    }
+                    if !(0.0..=1.0).contains(&r.max_drop) {
+                        return Err(format!(
+                            "domains.{name}.roster.max_drop must be between 0 and 1"
+                        ));
+                    }
+                    if !d.rules.is_empty() {
+                        return Err(format!("domains.{name}: `rules` are for `source: config`"));
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err(format!("domains.{name}: `roster:` needs `source: roster`"));
+                }
+                _ => {}
             }
             if d.port == Some(0) {
                 return Err(format!("domains.{name}.port: 0 is not a port"));
