@@ -546,4 +546,25 @@ mod tests {
         assert!(parse_roster(b"[1, 2]").is_err());
         assert!(parse_roster(b"{{{").is_err());
     }
+
+    #[tokio::test]
+    async fn a_roster_file_feeds_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roster.yaml");
+        std::fs::write(
+            &path,
+            "members:\n  - { login: Ann, mail: ann@example.net }\n",
+        )
+        .unwrap();
+        let yaml = format!(
+            "domains: {{ example.org: {{ source: roster, roster: {{ path: \"{}\", username_field: login, forward_field: mail }} }} }}",
+            path.display()
+        );
+        let config = Config::parse(&yaml, "t").unwrap();
+        let sets = read_now(&config).await;
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].0, "example.org");
+        assert_eq!(sets[0].1.rules.len(), 1);
+        assert_eq!(sets[0].1.rules[0].element, "ann:ann@example.net");
+    }
 }
