@@ -72,6 +72,11 @@ impl Postsrsd {
         }
     }
 
+    /// The tcp_table ports (forward, reverse), for Postfix's canonical maps.
+    pub fn ports(&self) -> (u16, u16) {
+        (self.forward_port, self.reverse_port)
+    }
+
     /// postsrsd's SRS address for `address` (or its error line).
     pub fn forward(&self, address: &str) -> Result<String, String> {
         Self::ask(self.forward_port, address)
