@@ -7,7 +7,7 @@
 //! (90 % known triplets, 10 % new) at 1, 16 and 64 connections.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use common::daemon::Mxguard;
@@ -86,7 +86,11 @@ async fn ask(conn: &mut BufReader<TcpStream>, req: &str) -> std::io::Result<Stri
 
 /// Makes every known triplet pass greylisting (first try, wait, retry).
 async fn warm_up(addr: SocketAddr, delay: Duration) {
-    let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}")));
+    let mut c = BufReader::new(
+        TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
     for round in 0..2 {
         for i in 0..KNOWN {
             let (ip, s, r) = known(i);
@@ -108,8 +112,10 @@ async fn policy_load(addr: SocketAddr, conns: usize, seconds: f64, seed: u64) ->
             let mut lat = Vec::with_capacity(100_000);
             let mut n: u64 = seed.wrapping_mul(1_000_003) + t as u64 * 7919;
             while !stop.load(Ordering::Relaxed) {
-                n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                let req = if (n >> 33) % 10 == 0 {
+                n = n
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let req = if (n >> 33).is_multiple_of(10) {
                     // A new triplet: a client never seen.
                     let id = n >> 20;
                     request(
@@ -206,7 +212,8 @@ fn version(cmd: &str, arg: &str) -> String {
         .arg(arg)
         .output()
         .map(|o| {
-            let t = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+            let t = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
             t.lines().next().unwrap_or("").trim().to_owned()
         })
         .unwrap_or_else(|_| "not installed".into())
@@ -223,9 +230,21 @@ async fn policy_table(s: &Settings) {
     println!("|---|---|---|---|---|");
     let yaml = "greylist: { enabled: true, delay: 1s }\nratelimit: { messages_per_recipient: 1000000000, max_recipients: 1000000 }\nlog: { level: error }";
     let mut rates: Vec<(String, usize, f64)> = Vec::new();
-    let mut targets: Vec<(String, Option<SocketAddr>, Option<Mxguard>, Option<Postgrey>)> = Vec::new();
+    // (label, policy address, the server kept alive while measured)
+    type Target = (
+        String,
+        Option<SocketAddr>,
+        Option<Mxguard>,
+        Option<Postgrey>,
+    );
+    let mut targets: Vec<Target> = Vec::new();
     let embedded = Mxguard::start(yaml).await;
-    targets.push(("mxguard (embedded store)".into(), Some(embedded.policy_addr()), Some(embedded), None));
+    targets.push((
+        "mxguard (embedded store)".into(),
+        Some(embedded.policy_addr()),
+        Some(embedded),
+        None,
+    ));
     match common::redis::RedisServer::start() {
         Ok(redis) => {
             let d = Mxguard::start(&format!(
@@ -233,7 +252,12 @@ async fn policy_table(s: &Settings) {
                 redis.url()
             ))
             .await;
-            targets.push(("mxguard (Redis)".into(), Some(d.policy_addr()), Some(d), None));
+            targets.push((
+                "mxguard (Redis)".into(),
+                Some(d.policy_addr()),
+                Some(d),
+                None,
+            ));
             std::mem::forget(redis);
         }
         Err(e) => eprintln!("no redis-server ({e}): the Redis rows are left out"),
@@ -261,11 +285,19 @@ async fn policy_table(s: &Settings) {
     }
     println!();
     for conns in [1, 16, 64] {
-        let get = |n: &str| rates.iter().find(|(x, c, _)| x == n && *c == conns).map(|(_, _, r)| *r);
+        let get = |n: &str| {
+            rates
+                .iter()
+                .find(|(x, c, _)| x == n && *c == conns)
+                .map(|(_, _, r)| *r)
+        };
         if let (Some(m), Some(p)) = (get("mxguard (embedded store)"), get("postgrey"))
             && p > 0.0
         {
-            println!("- {conns} connections: mxguard (embedded) / postgrey = {:.1}×", m / p);
+            println!(
+                "- {conns} connections: mxguard (embedded) / postgrey = {:.1}×",
+                m / p
+            );
         }
     }
     println!();
@@ -303,7 +335,9 @@ fn start_opendmarc() -> Option<Opendmarc> {
         ),
     )
     .ok()?;
-    let _ = Command::new("chmod").args(["755", &dir.path().display().to_string()]).status();
+    let _ = Command::new("chmod")
+        .args(["755", &dir.path().display().to_string()])
+        .status();
     let child = Command::new(bin)
         .arg("-c")
         .arg(&conf)
@@ -328,7 +362,11 @@ fn start_opendmarc() -> Option<Opendmarc> {
 }
 
 /// smtp-source → Postfix (wired as given) → smtp-sink: messages/s accepted.
-fn postfix_run(wiring: &common::postfix::Wiring, extra: &[(&str, &str)], messages: usize) -> Option<f64> {
+fn postfix_run(
+    wiring: &common::postfix::Wiring,
+    extra: &[(&str, &str)],
+    messages: usize,
+) -> Option<f64> {
     let sink_port = common::ports::free_port();
     let mut sink = Command::new("/usr/sbin/smtp-sink")
         .args(["-c", &format!("127.0.0.1:{sink_port}"), "256"])
@@ -393,12 +431,18 @@ async fn postfix_table(s: &Settings, messages: usize) {
     let mut bare = None;
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let measure = |wiring: common::postfix::Wiring, extra: Vec<(String, String)>| {
-        let extra: Vec<(&str, &str)> = extra.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         (0..s.runs)
             .filter_map(|_| postfix_run(&wiring, &extra, messages))
             .collect::<Vec<f64>>()
     };
-    rows.push(("Postfix alone".into(), measure(common::postfix::Wiring::default(), vec![])));
+    rows.push((
+        "Postfix alone".into(),
+        measure(common::postfix::Wiring::default(), vec![]),
+    ));
     {
         let d = Mxguard::start(&yaml).await;
         let w = common::postfix::Wiring {
@@ -412,7 +456,11 @@ async fn postfix_table(s: &Settings, messages: usize) {
     }
     {
         let sock = dir.path().join("milter.sock");
-        let d = Mxguard::start(&format!("{yaml}\nmilter: {{ listen: \"unix:{}\" }}", sock.display())).await;
+        let d = Mxguard::start(&format!(
+            "{yaml}\nmilter: {{ listen: \"unix:{}\" }}",
+            sock.display()
+        ))
+        .await;
         let w = common::postfix::Wiring {
             policy: Some(d.policy_wiring()),
             milter: Some(format!("unix:{}", sock.display())),
@@ -430,10 +478,22 @@ async fn postfix_table(s: &Settings, messages: usize) {
             milter: Some(od.addr.clone()),
         };
         let extra = vec![
-            ("sender_canonical_maps".to_owned(), format!("tcp:127.0.0.1:{f}")),
-            ("sender_canonical_classes".to_owned(), "envelope_sender".to_owned()),
-            ("recipient_canonical_maps".to_owned(), format!("tcp:127.0.0.1:{r}")),
-            ("recipient_canonical_classes".to_owned(), "envelope_recipient".to_owned()),
+            (
+                "sender_canonical_maps".to_owned(),
+                format!("tcp:127.0.0.1:{f}"),
+            ),
+            (
+                "sender_canonical_classes".to_owned(),
+                "envelope_sender".to_owned(),
+            ),
+            (
+                "recipient_canonical_maps".to_owned(),
+                format!("tcp:127.0.0.1:{r}"),
+            ),
+            (
+                "recipient_canonical_classes".to_owned(),
+                "envelope_recipient".to_owned(),
+            ),
         ];
         // postgrey greylists the one triplet first: let it pass.
         let _ = tokio::task::block_in_place(|| postfix_run(&w, &[], 1));
@@ -457,9 +517,15 @@ async fn postfix_table(s: &Settings, messages: usize) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let settings = if quick {
-        Settings { runs: 3, seconds: 1.0 }
+        Settings {
+            runs: 3,
+            seconds: 1.0,
+        }
     } else {
-        Settings { runs: 5, seconds: 3.0 }
+        Settings {
+            runs: 5,
+            seconds: 3.0,
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -474,7 +540,10 @@ fn main() {
         Command::new("/usr/sbin/postconf")
             .args(["-d", "-h", "mail_version"])
             .output()
-            .map_or_else(|_| "Postfix not installed".into(), |o| format!("Postfix {}", String::from_utf8_lossy(&o.stdout).trim())),
+            .map_or_else(
+                |_| "Postfix not installed".into(),
+                |o| format!("Postfix {}", String::from_utf8_lossy(&o.stdout).trim())
+            ),
         version("/usr/sbin/opendmarc", "-V"),
     );
     let messages = if quick { 500 } else { 2000 };
