@@ -35,6 +35,24 @@ pub const REQUIRED_ACTIONS: Actions = Actions::ADD_HEADER
     .union(Actions::ADD_RCPT_EXT)
     .union(Actions::DELETE_RCPT);
 
+/// Stages whose callbacks always continue (refusals come at connect, RCPT
+/// and end of message), so the MTA need not wait for their reply.
+const QUIET_STAGES: ProtoOpts = ProtoOpts::NOREPLY_HELO
+    .union(ProtoOpts::NOREPLY_MAIL)
+    .union(ProtoOpts::NOREPLY_DATA)
+    .union(ProtoOpts::NOREPLY_HEADER)
+    .union(ProtoOpts::NOREPLY_EOH)
+    .union(ProtoOpts::NOREPLY_BODY);
+
+/// `Continue`, or `Noreply` where the MTA does not wait for an answer.
+fn proceed(session: &Session, stage: ProtoOpts) -> Status {
+    if session.noreply(stage) {
+        Status::Noreply
+    } else {
+        Status::Continue
+    }
+}
+
 pub fn make_callbacks(
     current: Arc<CurrentEngine>,
     metrics: Arc<Metrics>,
@@ -88,6 +106,12 @@ fn negotiate(
         cx.requested_opts |= ProtoOpts::LEADING_SPACE;
         session.set_leading_space(true);
     }
+    // Stages that never refuse need no reply: the MTA streams headers and
+    // body without a round trip per line or chunk (measured: 2 KB messages
+    // X → Y msg/s on the protocol driver).
+    let quiet = QUIET_STAGES.intersection(opts);
+    cx.requested_opts |= quiet;
+    session.set_noreply(quiet);
     let macros: [(MacroStage, &CStr); 5] = [
         (
             MacroStage::Connect,
@@ -150,8 +174,9 @@ async fn connect(
 }
 
 fn helo(cx: &mut Context<Session>, name: CString) -> Status {
-    session!(cx).helo(&name.to_string_lossy());
-    Status::Continue
+    let session = session!(cx);
+    session.helo(&name.to_string_lossy());
+    proceed(session, ProtoOpts::NOREPLY_HELO)
 }
 
 fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
@@ -164,7 +189,7 @@ fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let session = session!(cx);
     session.mail(&sender, auth);
     session.set_queue_id(queue_id);
-    Status::Continue
+    proceed(session, ProtoOpts::NOREPLY_MAIL)
 }
 
 async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>, metrics: &Metrics) -> Status {
@@ -196,8 +221,9 @@ async fn rcpt(cx: &mut Context<Session>, args: Vec<CString>, metrics: &Metrics) 
 }
 
 fn header(cx: &mut Context<Session>, name: CString, value: CString) -> Status {
-    session!(cx).header(&name.to_string_lossy(), &value.to_string_lossy());
-    Status::Continue
+    let session = session!(cx);
+    session.header(&name.to_string_lossy(), &value.to_string_lossy());
+    proceed(session, ProtoOpts::NOREPLY_HEADER)
 }
 
 fn end_of_headers(cx: &mut Context<Session>) -> Status {
@@ -205,18 +231,20 @@ fn end_of_headers(cx: &mut Context<Session>) -> Status {
     let session = session!(cx);
     session.set_queue_id(queue_id);
     session.end_of_headers();
-    Status::Continue
+    proceed(session, ProtoOpts::NOREPLY_EOH)
 }
 
 fn body(cx: &mut Context<Session>, chunk: bytes::Bytes) -> Status {
-    session!(cx).body(&chunk);
-    Status::Continue
+    let session = session!(cx);
+    session.body(&chunk);
+    proceed(session, ProtoOpts::NOREPLY_BODY)
 }
 
 fn with_queue_id(cx: &mut Context<Session>) -> Status {
     let queue_id = macro_string(&cx.macros, c"i");
-    session!(cx).set_queue_id(queue_id);
-    Status::Continue
+    let session = session!(cx);
+    session.set_queue_id(queue_id);
+    proceed(session, ProtoOpts::NOREPLY_DATA)
 }
 
 async fn eom(cx: &mut EomContext<Session>, metrics: &Metrics) -> Status {

@@ -36,6 +36,8 @@ pub struct Session {
     in_flight: super::InFlight,
     /// Header values are exchanged with their leading space (exact bytes).
     leading_space: bool,
+    /// Stages the MTA agreed not to wait for a reply to.
+    noreply: indymilter::ProtoOpts,
     /// Bytes of the message so far (headers and body, as the milter sees them).
     size: u64,
     /// This connection, counted against its client while the session lives.
@@ -80,6 +82,7 @@ impl Session {
             message: None,
             in_flight,
             leading_space: false,
+            noreply: indymilter::ProtoOpts::empty(),
             size: 0,
             _slot: None,
             _counted: counted,
@@ -92,6 +95,16 @@ impl Session {
 
     pub fn leading_space(&self) -> bool {
         self.leading_space
+    }
+
+    pub fn set_noreply(&mut self, stages: indymilter::ProtoOpts) {
+        self.noreply = stages;
+    }
+
+    /// `true` when the MTA does not wait for an answer at this stage
+    /// (`stage` is one `NOREPLY_*` option).
+    pub fn noreply(&self, stage: indymilter::ProtoOpts) -> bool {
+        self.noreply.contains(stage)
     }
 
     pub fn engine(&self) -> &Engine {
