@@ -290,7 +290,9 @@ impl Sealer {
         };
         let pem = std::fs::read_to_string(path)
             .map_err(|e| format!("arc.key_file {}: {e}", path.display()))?;
-        if let Ok(key) = Ed25519Key::from_pkcs8_der(&pem_der(&pem)) {
+        // `openssl genpkey -algorithm ed25519` writes PKCS#8 v1 (no public
+        // key), which the checked constructor refuses.
+        if let Ok(key) = Ed25519Key::from_pkcs8_maybe_unchecked_der(&pem_der(&pem)) {
             return Ok(Some(Sealer::Ed25519(
                 ArcSealer::from_key(key)
                     .domain(config.domain.clone())
@@ -428,6 +430,9 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
         );
         let set = seal_with(&pem).await;
+        assert!(set[0].1.contains("a=ed25519-sha256"), "{set:?}");
+        // The PKCS#8 v1 that `openssl genpkey -algorithm ed25519` writes.
+        let set = seal_with(include_str!("../../tests/data/arc-test-ed25519.pem")).await;
         assert!(set[0].1.contains("a=ed25519-sha256"), "{set:?}");
         assert!(
             set[1].1.contains("d=mxguard.test") && set[1].1.contains("s=arc"),
