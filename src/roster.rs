@@ -200,12 +200,12 @@ pub struct Rosters {
 
 fn rules_of(aliases: &BTreeMap<String, String>) -> Arc<RuleSet> {
     let rules: Vec<String> = aliases.iter().map(|(l, t)| format!("{l}:{t}")).collect();
-    let limits = Limits {
-        // A roster is trusted operator data: every member gets an alias.
-        max_rules: rules.len().max(Limits::default().max_rules),
-        ..Limits::default()
-    };
-    Arc::new(RuleSet::from_rules(&rules, None, &limits))
+    // A roster is trusted operator data: every member gets an alias.
+    Arc::new(RuleSet::from_rules(
+        &rules,
+        None,
+        &Limits::operator(rules.len()),
+    ))
 }
 
 impl Rosters {

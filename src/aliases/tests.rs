@@ -912,6 +912,26 @@ fn yaml_rules_are_checked_at_load() {
     );
 }
 
+#[tokio::test]
+async fn yaml_rules_are_operator_data_and_not_cut_at_the_dns_limit() {
+    let rules: Vec<String> = (0..5_000)
+        .map(|i| format!("\"u{i}:t{i}@gmail.com\""))
+        .collect();
+    let yaml = format!(
+        "domains: {{ example.org: {{ rules: [{}] }} }}",
+        rules.join(",")
+    );
+    let config = Config::parse(&yaml, "f").unwrap_or_else(|e| panic!("{e}"));
+    let a = Aliases::new(&config, None, Arc::new(TxtCache::new(100)));
+    assert_eq!(
+        a.resolve("u4999@example.org").await.outcome,
+        Outcome::Forward {
+            destinations: vec![Destination::Address("t4999@gmail.com".into())],
+            port: None
+        }
+    );
+}
+
 #[test]
 fn cache_is_bounded() {
     let cache = TxtCache::new(4);

@@ -1011,7 +1011,7 @@ impl Config {
             let set = crate::aliases::RuleSet::from_rules(
                 &d.rules,
                 d.port,
-                &crate::aliases::Limits::default(),
+                &crate::aliases::Limits::operator(d.rules.len()),
             );
             if let Some(e) = set.errors.first() {
                 return Err(format!("domains.{name}.rules: {e}"));
