@@ -108,7 +108,7 @@ const WEBHOOK_DEDUPE: std::time::Duration = std::time::Duration::from_secs(86_40
 /// The message's fingerprint (behaviour.md §6.1): the client, and the
 /// first Message-ID, Date, From, To, Cc and Subject; the whole message
 /// when it has none of them.
-fn fingerprint(env: &Envelope, headers: &[(String, String)], raw: &[u8]) -> String {
+pub fn fingerprint(env: &Envelope, headers: &[(String, String)], raw: &[u8]) -> String {
     let client = env
         .client_name
         .clone()
