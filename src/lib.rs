@@ -143,6 +143,13 @@ pub async fn run(
     mut reload: mpsc::Receiver<()>,
     shutdown: impl Future,
 ) -> Result<(), RunError> {
+    match net::raise_open_files_limit() {
+        Ok(n) if n < 4096 => {
+            warn!("open files limited to {n}: connections past it are refused; raise LimitNOFILE")
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot read or raise the open files limit: {e}"),
+    }
     let metrics = Arc::new(Metrics::new()?);
     let clock: Arc<dyn clock::Clock> = Arc::new(SystemClock);
     let store = store::Store::open(&file.config.store, clock.clone()).await?;

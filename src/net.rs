@@ -257,3 +257,52 @@ impl indymilter::Listener for StoppableListener {
 pub async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+/// Raises the soft limit on open files to the hard limit, as every
+/// connection holds one (a policy connection per smtpd process, a milter
+/// connection per SMTP session): the usual soft limit of 1024 would refuse
+/// connections long before `max_connections`. Returns the limit now in
+/// force.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reads into the struct given.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        let lowered = libc::rlimit {
+            rlim_cur: lim.rlim_max.min(1024),
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above; lowering the soft limit is always allowed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        let now = super::raise_open_files_limit().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(now, lim.rlim_max);
+    }
+}
