@@ -9,6 +9,8 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+#[path = "support/milter.rs"]
+mod milter;
 
 use common::daemon::Mxguard;
 use std::{
@@ -26,6 +28,7 @@ use tokio::{
 };
 
 struct Settings {
+    quick: bool,
     runs: usize,
     seconds: f64,
 }
@@ -207,18 +210,6 @@ fn start_postgrey() -> Option<Postgrey> {
     })
 }
 
-fn version(cmd: &str, arg: &str) -> String {
-    Command::new(cmd)
-        .arg(arg)
-        .output()
-        .map(|o| {
-            let t = String::from_utf8_lossy(&o.stdout).to_string()
-                + &String::from_utf8_lossy(&o.stderr);
-            t.lines().next().unwrap_or("").trim().to_owned()
-        })
-        .unwrap_or_else(|_| "not installed".into())
-}
-
 async fn policy_table(s: &Settings) {
     println!("## Policy front end vs postgrey\n");
     println!(
@@ -317,7 +308,49 @@ impl Drop for Opendmarc {
     }
 }
 
-fn start_opendmarc() -> Option<Opendmarc> {
+/// A loopback DNS server on port 53 with `records`, and a resolv.conf
+/// naming it: for peers that ask only /etc/resolv.conf's servers on port
+/// 53. Needs root (port 53, and a mount namespace for the peer).
+struct PeerDns {
+    _server: common::dns::DnsServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn peer_dns(records: &[(&str, &str)]) -> Option<(PeerDns, std::path::PathBuf)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: opendmarc asks the system's resolver");
+        return None;
+    }
+    let ip = "127.0.0.153";
+    let server = common::dns::DnsServer::start_at(format!("{ip}:53").parse().ok()?)
+        .await
+        .map_err(|e| {
+            eprintln!("no DNS server on {ip}:53 ({e}): opendmarc asks the system's resolver")
+        })
+        .ok()?;
+    for (owner, text) in records {
+        server.add_txt(owner, text);
+    }
+    let dir = tempfile::tempdir().ok()?;
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(&conf, format!("nameserver {ip}\n")).ok()?;
+    let _ = Command::new("chmod")
+        .args(["755", &dir.path().display().to_string()])
+        .status();
+    Some((
+        PeerDns {
+            _server: server,
+            _dir: dir,
+        },
+        conf,
+    ))
+}
+
+/// Debian's opendmarc on a free loopback port, checking SPF itself and
+/// rejecting DMARC failures; with `resolv` its /etc/resolv.conf is that
+/// file (a private mount namespace).
+fn start_opendmarc(resolv: Option<&std::path::Path>) -> Option<Opendmarc> {
     let bin = "/usr/sbin/opendmarc";
     if !std::path::Path::new(bin).exists() {
         eprintln!("opendmarc is not installed (apt-get install opendmarc): its rows are left out");
@@ -330,18 +363,34 @@ fn start_opendmarc() -> Option<Opendmarc> {
         &conf,
         format!(
             "Socket inet:{port}@127.0.0.1\nAuthservID mx.bench\nSyslog false\nRejectFailures true\n\
-             PidFile {}/pid\nUserID opendmarc\n",
+             SPFSelfValidate true\nIgnoreHosts {}/ignore\nPidFile {}/pid\nUserID opendmarc\n",
+            dir.path().display(),
             dir.path().display()
         ),
     )
     .ok()?;
+    // No host is exempt (the default exempts 127.0.0.1).
+    std::fs::write(dir.path().join("ignore"), "192.0.2.255\n").ok()?;
     let _ = Command::new("chmod")
         .args(["755", &dir.path().display().to_string()])
         .status();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .arg("-f")
+    let mut cmd = match resolv {
+        Some(r) => {
+            let mut c = Command::new("unshare");
+            c.args(["-m", "sh", "-c"]).arg(format!(
+                "mount --bind '{}' /etc/resolv.conf && exec {bin} -c '{}' -f",
+                r.display(),
+                conf.display()
+            ));
+            c
+        }
+        None => {
+            let mut c = Command::new(bin);
+            c.arg("-c").arg(&conf).arg("-f");
+            c
+        }
+    };
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -361,19 +410,111 @@ fn start_opendmarc() -> Option<Opendmarc> {
     })
 }
 
+/// The floor of the end-to-end figures: a policy service that answers
+/// DUNNO at once, and a milter that asks for what mxguard asks (every stage,
+/// no reply where mxguard needs none, the same TCP handling) and accepts at
+/// the end. What they cost is Postfix's and the kernel's share of the two
+/// protocols, which no policy service or milter can avoid.
+struct NullServices {
+    policy: SocketAddr,
+    milter: String,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn start_null_services() -> Option<NullServices> {
+    use indymilter::{Callbacks, ProtoOpts, Status};
+    use mxguard::{
+        config::{ListenAddr, SocketMode},
+        net::{Listener, StoppableListener},
+    };
+    let policy = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
+    let policy_addr = policy.local_addr().ok()?;
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = policy.accept().await {
+            let _ = conn.set_nodelay(true);
+            tokio::spawn(async move {
+                let (r, mut w) = conn.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.is_empty() && w.write_all(b"action=DUNNO\n\n").await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let addr = ListenAddr::Inet {
+        host: "127.0.0.1".into(),
+        port: 0,
+    };
+    let listener = Listener::bind(&addr, SocketMode(0o600)).await.ok()?;
+    let milter = listener.local_addr().ok()?.to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let quiet = ProtoOpts::NOREPLY_HELO
+        | ProtoOpts::NOREPLY_MAIL
+        | ProtoOpts::NOREPLY_DATA
+        | ProtoOpts::NOREPLY_HEADER
+        | ProtoOpts::NOREPLY_EOH
+        | ProtoOpts::NOREPLY_BODY;
+    let callbacks: Callbacks<()> = Callbacks::new()
+        .on_negotiate(move |cx, _, opts| {
+            cx.requested_opts |= quiet.intersection(opts);
+            Box::pin(async { Status::Continue })
+        })
+        .on_connect(|_, _, _| Box::pin(async { Status::Continue }))
+        .on_helo(|_, _| Box::pin(async { Status::Noreply }))
+        .on_mail(|_, _| Box::pin(async { Status::Noreply }))
+        .on_rcpt(|_, _| Box::pin(async { Status::Continue }))
+        .on_data(|_| Box::pin(async { Status::Noreply }))
+        .on_header(|_, _, _| Box::pin(async { Status::Noreply }))
+        .on_eoh(|_| Box::pin(async { Status::Noreply }))
+        .on_body(|_, _| Box::pin(async { Status::Noreply }))
+        .on_eom(|_| Box::pin(async { Status::Accept }));
+    let config = indymilter::Config {
+        actions: mxguard::milter::REQUIRED_ACTIONS,
+        ..Default::default()
+    };
+    let mut shutdown = stopped.clone();
+    tokio::spawn(indymilter::run(
+        StoppableListener::new(listener, stopped),
+        callbacks,
+        config,
+        async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        },
+    ));
+    Some(NullServices {
+        policy: policy_addr,
+        milter,
+        _stop: stop,
+    })
+}
+
 /// smtp-source → Postfix (wired as given) → smtp-sink: messages/s accepted.
 fn postfix_run(
     wiring: &common::postfix::Wiring,
     extra: &[(&str, &str)],
     messages: usize,
-) -> Option<f64> {
+) -> Option<(f64, f64)> {
     let sink_port = common::ports::free_port();
     let mut sink = Command::new("/usr/sbin/smtp-sink")
-        .args(["-c", &format!("127.0.0.1:{sink_port}"), "256"])
+        .args(["-u", "nobody", &format!("127.0.0.1:{sink_port}"), "256"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
+    // Postfix must not find the sink closed: it would defer everything
+    // through the error transport and measure that instead.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", sink_port)).is_err() {
+        if Instant::now() > deadline {
+            eprintln!("smtp-sink did not start");
+            let _ = sink.kill();
+            let _ = sink.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The client is not in mynetworks, so the policy service is asked.
     let mut all: Vec<(&str, &str)> = vec![("mynetworks", "127.0.0.2/32")];
     all.extend_from_slice(extra);
@@ -382,7 +523,7 @@ fn postfix_run(
     let out = Command::new("/usr/sbin/smtp-source")
         .args([
             "-s",
-            "20",
+            &std::env::var("MXGUARD_BENCH_SESSIONS").unwrap_or_else(|_| "20".into()),
             "-m",
             &messages.to_string(),
             "-l",
@@ -395,30 +536,71 @@ fn postfix_run(
         ])
         .output()
         .ok()?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = sink.kill();
-    let _ = sink.wait();
+    let accepted = started.elapsed().as_secs_f64();
     if !out.status.success() {
         eprintln!("smtp-source: {}", String::from_utf8_lossy(&out.stderr));
+        let _ = sink.kill();
+        let _ = sink.wait();
         return None;
     }
-    let log = pf.maillog();
-    let refused = log.matches(" reject: ").count() + log.matches("milter-reject").count();
-    if refused > 0 {
-        eprintln!("{refused} messages refused during the run; the figure is not comparable");
+    // Delivered: the queue is empty again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while queued(&pf.dir().join("queue")) > 0 {
+        if Instant::now() > deadline {
+            eprintln!("Postfix did not empty its queue within 120 s");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Some(messages as f64 / elapsed)
+    let delivered = started.elapsed().as_secs_f64();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let log = pf.maillog();
+    if std::env::var_os("MXGUARD_BENCH_MAILLOG").is_some() {
+        eprintln!("{log}");
+    }
+    let refused = log.matches(" reject: ").count() + log.matches("milter-reject").count();
+    let unsent = log.matches("status=").count() - log.matches("status=sent").count();
+    if refused + unsent > 0 {
+        eprintln!(
+            "{refused} messages refused and {unsent} deliveries not sent during the run; \
+             the figure is not comparable"
+        );
+    }
+    Some((messages as f64 / accepted, messages as f64 / delivered))
+}
+
+/// Messages in a Postfix queue directory (incoming, active, deferred…).
+fn queued(queue: &std::path::Path) -> usize {
+    fn walk(dir: &std::path::Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(t) if t.is_file() => 1,
+                _ => 0,
+            })
+            .sum()
+    }
+    ["maildrop", "incoming", "active", "deferred", "hold"]
+        .iter()
+        .map(|d| walk(&queue.join(d)))
+        .sum()
 }
 
 async fn postfix_table(s: &Settings, messages: usize) {
     println!("## End to end through Postfix\n");
     println!(
-        "`smtp-source -s 20 -m {messages} -l 10240` → Postfix → `smtp-sink`; messages/s until \
-         Postfix accepted the last one; {} runs; median (min–max); ratio to bare Postfix.\n",
+        "`smtp-source -s 20 -m {messages} -l 10240` → Postfix → `smtp-sink`: messages/s until \
+         Postfix accepted the last one, and until its queue was empty again (all delivered); \
+         {} runs; median (min–max); ratio to bare Postfix.\n",
         s.runs
     );
-    println!("| stack | messages/s | ratio |");
-    println!("|---|---|---|");
+    println!("| stack | accepted/s | ratio | delivered/s | ratio |");
+    println!("|---|---|---|---|---|");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let secret = dir.path().join("srs.secret");
     let _ = std::fs::write(&secret, "bench-secret\n");
@@ -429,7 +611,7 @@ async fn postfix_table(s: &Settings, messages: usize) {
         secret.display()
     );
     let mut bare = None;
-    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let measure = |wiring: common::postfix::Wiring, extra: Vec<(String, String)>| {
         let extra: Vec<(&str, &str)> = extra
             .iter()
@@ -437,14 +619,35 @@ async fn postfix_table(s: &Settings, messages: usize) {
             .collect();
         (0..s.runs)
             .filter_map(|_| postfix_run(&wiring, &extra, messages))
-            .collect::<Vec<f64>>()
+            .collect::<Vec<(f64, f64)>>()
     };
-    rows.push((
-        "Postfix alone".into(),
-        measure(common::postfix::Wiring::default(), vec![]),
-    ));
-    {
+    // For profiling one stack: MXGUARD_BENCH_STACK=bare|null|inet|policy|milter|unix|peers.
+    let only = std::env::var("MXGUARD_BENCH_STACK").ok();
+    let wants = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // The records mxguard's checks find, for opendmarc too.
+    let records = [
+        ("example.com", "v=spf1 ip4:127.0.0.0/8 -all"),
+        ("_dmarc.example.com", "v=DMARC1; p=reject"),
+    ];
+    let publish = |d: &Mxguard| {
+        for (owner, text) in records {
+            d.dns.add_txt(owner, text);
+        }
+    };
+    let peer = if wants("peers") {
+        peer_dns(&records).await
+    } else {
+        None
+    };
+    if wants("bare") {
+        rows.push((
+            "Postfix alone".into(),
+            measure(common::postfix::Wiring::default(), vec![]),
+        ));
+    }
+    if wants("inet") {
         let d = Mxguard::start(&yaml).await;
+        publish(&d);
         let w = common::postfix::Wiring {
             policy: Some(d.policy_wiring()),
             milter: Some(d.milter_wiring()),
@@ -454,13 +657,50 @@ async fn postfix_table(s: &Settings, messages: usize) {
             tokio::task::block_in_place(|| measure(w, vec![])),
         ));
     }
+    if wants("null")
+        && let Some(n) = start_null_services().await
     {
+        let w = common::postfix::Wiring {
+            policy: Some(format!("inet:{}", n.policy)),
+            milter: Some(n.milter.clone()),
+        };
+        rows.push((
+            "Postfix + null policy service + null milter (inet)".into(),
+            tokio::task::block_in_place(|| measure(w, vec![])),
+        ));
+    }
+    if wants("policy") {
+        let d = Mxguard::start(&yaml).await;
+        publish(&d);
+        let w = common::postfix::Wiring {
+            policy: Some(d.policy_wiring()),
+            milter: None,
+        };
+        rows.push((
+            "Postfix + mxguard (policy only)".into(),
+            tokio::task::block_in_place(|| measure(w, vec![])),
+        ));
+    }
+    if wants("milter") {
+        let d = Mxguard::start(&yaml).await;
+        publish(&d);
+        let w = common::postfix::Wiring {
+            policy: None,
+            milter: Some(d.milter_wiring()),
+        };
+        rows.push((
+            "Postfix + mxguard (milter only, inet)".into(),
+            tokio::task::block_in_place(|| measure(w, vec![])),
+        ));
+    }
+    if wants("unix") {
         let sock = dir.path().join("milter.sock");
         let d = Mxguard::start(&format!(
             "{yaml}\nmilter: {{ listen: \"unix:{}\" }}",
             sock.display()
         ))
         .await;
+        publish(&d);
         let w = common::postfix::Wiring {
             policy: Some(d.policy_wiring()),
             milter: Some(format!("unix:{}", sock.display())),
@@ -470,7 +710,11 @@ async fn postfix_table(s: &Settings, messages: usize) {
             tokio::task::block_in_place(|| measure(w, vec![])),
         ));
     }
-    if let (Some(pg), Some(od)) = (start_postgrey(), start_opendmarc()) {
+    if !wants("peers") {
+    } else if let (Some(pg), Some(od)) = (
+        start_postgrey(),
+        start_opendmarc(peer.as_ref().map(|(_, conf)| conf.as_path())),
+    ) {
         let srsd = common::postsrsd::Postsrsd::start("bench-secret", "srs.bench.test");
         let (f, r) = srsd.ports();
         let w = common::postfix::Wiring {
@@ -504,25 +748,55 @@ async fn postfix_table(s: &Settings, messages: usize) {
         ));
     }
     for (name, runs) in rows {
-        let (m, lo, hi) = median(runs);
+        let (a, alo, ahi) = median(runs.iter().map(|r| r.0).collect());
+        let (m, lo, hi) = median(runs.iter().map(|r| r.1).collect());
         if bare.is_none() {
-            bare = Some(m);
+            bare = Some((a, m));
         }
-        let ratio = bare.filter(|b| *b > 0.0).map_or(0.0, |b| m / b);
-        println!("| {name} | {m:.0} ({lo:.0}–{hi:.0}) | {ratio:.2} |");
+        let (ra, rd) = bare
+            .filter(|b| b.0 > 0.0 && b.1 > 0.0)
+            .map_or((0.0, 0.0), |b| (a / b.0, m / b.1));
+        println!(
+            "| {name} | {a:.0} ({alo:.0}–{ahi:.0}) | {ra:.2} | {m:.0} ({lo:.0}–{hi:.0}) | {rd:.2} |"
+        );
     }
     println!();
 }
 
+/// `name version, ...` of installed Debian packages (`name missing` if not).
+fn package_versions(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f", "${Version}", n])
+                .output()
+                .ok()
+                .filter(|o| o.status.success() && !o.stdout.is_empty())
+                .map_or_else(
+                    || format!("{n} missing"),
+                    |o| format!("{n} {}", String::from_utf8_lossy(&o.stdout).trim()),
+                )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn main() {
+    // 1 000 concurrent milter sessions need more than the usual 1 024.
+    if let Err(e) = mxguard::net::raise_open_files_limit() {
+        eprintln!("cannot raise the open files limit: {e}");
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let settings = if quick {
         Settings {
+            quick,
             runs: 3,
             seconds: 1.0,
         }
     } else {
         Settings {
+            quick,
             runs: 5,
             seconds: 3.0,
         }
@@ -532,19 +806,26 @@ fn main() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     println!("# mxguard benchmarks\n");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
     println!(
-        "Machine: {} cores; mxguard {}; {}; {}; {}.\n",
+        "Machine: {} cores ({cpu}); mxguard {}; Debian packages: {}.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         mxguard::VERSION,
-        version("/usr/sbin/postgrey", "--version"),
-        Command::new("/usr/sbin/postconf")
-            .args(["-d", "-h", "mail_version"])
-            .output()
-            .map_or_else(
-                |_| "Postfix not installed".into(),
-                |o| format!("Postfix {}", String::from_utf8_lossy(&o.stdout).trim())
-            ),
-        version("/usr/sbin/opendmarc", "-V"),
+        package_versions(&[
+            "postfix",
+            "redis-server",
+            "postgrey",
+            "postsrsd",
+            "opendmarc"
+        ]),
     );
     let messages = if quick { 500 } else { 2000 };
     // `--only policy|postfix` runs one section (for profiling).
@@ -559,8 +840,14 @@ fn main() {
         if wants("policy") {
             policy_table(&settings).await;
         }
+        if wants("milter") {
+            milter::milter_table(&settings).await;
+        }
         if wants("postfix") {
             postfix_table(&settings, messages).await;
+        }
+        if wants("memory") {
+            milter::memory_table(&settings).await;
         }
     });
 }

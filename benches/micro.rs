@@ -3,9 +3,12 @@
 //! fingerprint, a policy request's parse and reply, the root-domain lookup,
 //! and an ARC seal with each key type (the milter's biggest cost).
 //!
-//! `cargo bench --bench micro` (criterion; `-- --quick` for a smoke run).
+//! `cargo bench --bench micro` (criterion; `-- --quick` for a smoke run)
+//! prints criterion's report, then a Markdown table of this run's figures:
+//! the median time per iteration over criterion's samples, and the fastest
+//! and slowest sample.
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion};
 use mail_auth::AuthenticationResults;
 use mxguard::{
     aliases::{Aliases, Limits, RuleSet, TxtCache},
@@ -17,7 +20,12 @@ use mxguard::{
     srs::Srs,
     verdict::Verdict,
 };
-use std::{hint::black_box, sync::Arc};
+use std::{
+    hint::black_box,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
 
 const SIZES: [usize; 3] = [1, 100, 10_000];
 
@@ -203,13 +211,100 @@ Subject: Benchmarks\r\nMessage-ID: <1@example.com>\r\n\r\n"
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    rules,
-    srs,
-    fingerprints,
-    policy,
-    root_domains,
-    arc_seal
-);
-criterion_main!(benches);
+fn main() {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+        .join("criterion");
+    let started = SystemTime::now();
+    let mut c = Criterion::default()
+        .output_directory(&dir)
+        .configure_from_args();
+    rules(&mut c);
+    srs(&mut c);
+    fingerprints(&mut c);
+    policy(&mut c);
+    root_domains(&mut c);
+    arc_seal(&mut c);
+    c.final_summary();
+    let mut rows = Vec::new();
+    collect(&dir, started, &mut rows);
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    println!("\n## Micro-benchmarks (criterion)\n");
+    println!(
+        "Time per iteration: the median over criterion's samples, and the fastest and slowest \
+         sample.\n"
+    );
+    println!("| benchmark | median | min–max | samples |");
+    println!("|---|---|---|---|");
+    for (name, median, lo, hi, n) in rows {
+        println!(
+            "| {name} | {} | {}–{} | {n} |",
+            human(median),
+            human(lo),
+            human(hi)
+        );
+    }
+}
+
+/// This run's results under criterion's directory: (name, median, min,
+/// max, samples), times in ns.
+fn collect(dir: &Path, since: SystemTime, out: &mut Vec<(String, f64, f64, f64, usize)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let new = path.join("new");
+        let fresh = std::fs::metadata(new.join("sample.json"))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= since);
+        if fresh && let Some(row) = read_result(&new) {
+            out.push(row);
+        } else {
+            collect(&path, since, out);
+        }
+    }
+}
+
+fn read_result(new: &Path) -> Option<(String, f64, f64, f64, usize)> {
+    let json = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(new.join(f)).ok()?).ok()
+    };
+    let name = json("benchmark.json")?.get("full_id")?.as_str()?.to_owned();
+    let median = json("estimates.json")?
+        .get("median")?
+        .get("point_estimate")?
+        .as_f64()?;
+    let sample = json("sample.json")?;
+    let numbers = |k: &str| -> Option<Vec<f64>> {
+        sample
+            .get(k)?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_f64)
+            .collect()
+    };
+    let (iters, times) = (numbers("iters")?, numbers("times")?);
+    let per: Vec<f64> = iters
+        .iter()
+        .zip(&times)
+        .filter(|(i, _)| **i > 0.0)
+        .map(|(i, t)| t / i)
+        .collect();
+    let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = per.iter().copied().fold(0.0, f64::max);
+    Some((name, median, lo, hi, per.len()))
+}
+
+fn human(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}

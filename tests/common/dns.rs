@@ -151,6 +151,12 @@ pub fn reverse_name(ip: IpAddr) -> String {
 impl DnsServer {
     /// Binds UDP and TCP on 127.0.0.1, on one free port, and serves.
     pub async fn start() -> io::Result<DnsServer> {
+        Self::start_at("127.0.0.1:0".parse().map_err(io::Error::other)?).await
+    }
+
+    /// Binds UDP and TCP on `at` (port 0: one free port for both) and
+    /// serves. A benchmark binds port 53 for a peer that can only ask there.
+    pub async fn start_at(at: SocketAddr) -> io::Result<DnsServer> {
         let soa = SOA::new(
             parse_name("ns.test")?,
             parse_name("hostmaster.test")?,
@@ -163,7 +169,7 @@ impl DnsServer {
         // The OS picks a free TCP port; UDP's may be taken: then try again.
         let mut last = None;
         for _ in 0..10 {
-            let tcp = TcpListener::bind("127.0.0.1:0").await?;
+            let tcp = TcpListener::bind(at).await?;
             let addr = tcp.local_addr()?;
             let udp = match UdpSocket::bind(addr).await {
                 Ok(udp) => udp,
