@@ -360,3 +360,55 @@ async fn report_mode_logs_a_dmarc_reject_and_lets_the_message_through() {
             .contains("dmarc=fail")
     );
 }
+
+/// Every header mxguard writes carries client data (the HELO name, the
+/// From display name and address) without letting it start a header line
+/// of its own or a result of its own in Authentication-Results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_mxguard_writes_cannot_be_injected_into() {
+    let s = setup("auth: { authserv_id: mx.mxguard.test }").await;
+    let helo = "evil.example;dkim=pass";
+    let env = Envelope {
+        client_addr: "198.51.100.60",
+        client_name: "mail.example.com",
+        helo,
+        from: "q@quarantine.example",
+        to: &["alice@example.org"],
+    };
+    // A folded From whose display name holds header-like lines: it passes
+    // Postfix as one header, and friendly-from copies it into three.
+    let from = "\"Pay now\r\n Bcc: victim@example.net\r\n X-Evil: 1\" <q@quarantine.example>";
+    let msg = message(from, "inject", "", "Hi.\r\n");
+    let t = smtp::send(s.stack.postfix.smtpd_addr(), &env, &msg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(data(&t).0, 250, "{t:?}");
+    let m = &s.stack.sink.wait_for(1, Duration::from_secs(20)).await[0];
+    let text = String::from_utf8_lossy(&m.data).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    // No line of the header block starts a header that nobody wrote.
+    for line in head.split("\r\n") {
+        assert!(
+            !line.starts_with("Bcc:") && !line.starts_with("X-Evil:"),
+            "{head}"
+        );
+    }
+    // The values mxguard wrote are single lines.
+    for name in ["From", "X-Original-From", "Reply-To"] {
+        let v = m
+            .header(name)
+            .unwrap_or_else(|| panic!("no {name}: {head}"));
+        assert!(!v.contains(['\r', '\n']), "{name}: {v:?}");
+    }
+    // Unfolded into one line, as the original value.
+    assert_eq!(
+        m.header("X-Original-From").as_deref(),
+        Some("\"Pay now Bcc: victim@example.net X-Evil: 1\" <q@quarantine.example>")
+    );
+    // The HELO name's `;` cannot open a result of its own.
+    let ar = m.header("Authentication-Results").unwrap_or_default();
+    let results: Vec<&str> = ar.split(';').map(str::trim).collect();
+    assert!(!results.iter().any(|r| r.starts_with("dkim=pass")), "{ar}");
+    // What is not allowed in a value is dropped.
+    assert!(ar.contains(" smtp.helo=evil.exampledkimpass;"), "{ar}");
+}
