@@ -132,6 +132,14 @@ impl Srs {
             .rsplit_once('@')
             .filter(|(l, h)| !l.is_empty() && !h.is_empty())
             .ok_or(SrsError::Malformed("no domain"))?;
+        // The fields of an SRS address are separated by `=`: a domain with
+        // one could not be taken apart again (found by fuzzing).
+        if host.contains(['=', '@']) || host.contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(SrsError::Malformed(
+                "a domain that cannot be carried in SRS",
+            ));
+        }
         let signer = &self.secrets[0];
         let sep = self.separator;
         if strip_tag(local, "SRS0").is_some() {
@@ -141,14 +149,14 @@ impl Srs {
             let hash = self.hash_with(signer, &[host, opaque]);
             return Ok(format!("SRS1{sep}{hash}={host}={opaque}@{}", self.domain));
         }
-        if let Some(rest) = strip_tag(local, "SRS1") {
-            // SRS1=hash=hop==opaque: keep hop and opaque, sign anew.
-            let (_, hop_opaque) = rest
-                .split_once('=')
-                .ok_or(SrsError::Malformed("SRS1 without hash"))?;
-            let (hop, opaque) = hop_opaque
-                .split_once('=')
-                .ok_or(SrsError::Malformed("SRS1 without hop"))?;
+        // SRS1=hash=hop==opaque: keep hop and opaque, sign anew. A local
+        // part that only looks like SRS1 (fuzzing found `SRS1=a=b=c`, which
+        // could not be reversed) is an ordinary sender, wrapped in SRS0.
+        let srs1 = strip_tag(local, "SRS1")
+            .and_then(|rest| rest.split_once('='))
+            .and_then(|(_, hop_opaque)| hop_opaque.split_once('='))
+            .filter(|(hop, opaque)| !hop.is_empty() && opaque.starts_with(['=', '-', '+']));
+        if let Some((hop, opaque)) = srs1 {
             let hash = self.hash_with(signer, &[hop, opaque]);
             return Ok(format!("SRS1{sep}{hash}={hop}={opaque}@{}", self.domain));
         }
@@ -192,7 +200,8 @@ impl Srs {
             if hop.is_empty() || opaque.is_empty() {
                 return Err(SrsError::Malformed("empty hop or address"));
             }
-            if !opaque.starts_with('=') {
+            // The SRS0 part keeps its own separator: `==`, `=-` or `=+`.
+            if !opaque.starts_with(['=', '-', '+']) {
                 return Err(SrsError::Malformed("SRS1 without `==`"));
             }
             if !self.hash_ok(hash, &[hop, opaque]) {
@@ -318,6 +327,41 @@ mod tests {
             .unwrap(),
             "SRS0=abcd=RN=orig.example=alice@hop1.example"
         );
+    }
+
+    /// Fuzzing found a sender whose domain held `=`: its SRS address did
+    /// not reverse. Such senders are not rewritten.
+    #[test]
+    fn odd_senders_are_refused_or_wrapped_so_that_they_reverse() {
+        let s = srs();
+        for sender in ["\u{fffd}J@\u{fffd}J=MM", "a@b=c", "a@b c", "a@b\r\nx"] {
+            assert!(
+                matches!(s.forward_at(sender, DAY), Err(SrsError::Malformed(_))),
+                "{sender:?}"
+            );
+        }
+        // Local parts that only look like SRS1 are wrapped like any other;
+        // another forwarder's SRS0 with `-` keeps it.
+        for sender in [
+            "sRS1=qS1=qR=x@y.example",
+            "SRS1=a@b.example",
+            "SRS1=h=@b.example",
+        ] {
+            let f = s.forward_at(sender, DAY).unwrap();
+            assert!(f.starts_with("SRS0="), "{f}");
+            assert_eq!(s.reverse_at(&f, DAY).unwrap(), sender);
+        }
+        let f = s
+            .forward_at("SRS0-abcd=RN=orig.example=alice@hop.example", DAY)
+            .unwrap();
+        assert!(f.contains("=hop.example=-abcd="), "{f}");
+        assert_eq!(
+            s.reverse_at(&f, DAY).unwrap(),
+            "SRS0-abcd=RN=orig.example=alice@hop.example"
+        );
+        // International domains are carried as they are.
+        let f = s.forward_at("a@bücher.example", DAY).unwrap();
+        assert_eq!(s.reverse_at(&f, DAY).unwrap(), "a@bücher.example");
     }
 
     #[test]
