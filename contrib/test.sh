@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs mxguard's whole test suite on a Debian 12 machine: installs what the
 # tests need (Postfix, redis-server, postsrsd, man-db) when it is missing, then runs
-# the tests, clippy and the format check. The tests start their own Postfix,
+# the tests, a 30-second smoke run of each fuzz target (installing
+# cargo-fuzz), clippy and the format check. The tests start their own Postfix,
 # Redis and DNS server on loopback ports; nothing reaches the internet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +37,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 cargo test --locked --lib --bins --tests
+# Every fuzz target for 30 s (debug build); contrib/fuzz.sh alone runs
+# them for 30 min each.
+bash contrib/fuzz.sh --smoke 30
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --locked --all-targets -- -D warnings
