@@ -8,8 +8,9 @@
 #   bash contrib/fuzz.sh [--smoke] [SECONDS] [TARGET...]
 #
 # Without arguments: every target for 1800 s (30 min), optimised build, two
-# at a time. --smoke: a debug build (quicker to compile), as the test suite
-# runs it with 30 s per target. Installs cargo-fuzz when missing.
+# at a time (FUZZ_JOBS=N: N at a time). --smoke: a debug build (quicker to
+# compile), as the test suite runs it with 30 s per target. Installs
+# cargo-fuzz when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +29,7 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 echo "contrib/fuzz.sh: ${targets[*]}, ${seconds} s each"
 export FUZZ_SECONDS="$seconds" FUZZ_BUILD="${build[*]}"
-printf '%s\n' "${targets[@]}" | xargs -P 2 -I{} bash -c '
+printf '%s\n' "${targets[@]}" | xargs -P "${FUZZ_JOBS:-2}" -I{} bash -c '
     mkdir -p fuzz/corpus/{}
     if cargo fuzz run -s none $FUZZ_BUILD {} -- -max_total_time="$FUZZ_SECONDS" \
         -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >fuzz/{}.log 2>&1; then

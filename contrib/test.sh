@@ -14,6 +14,8 @@ need=()
 [ -x /usr/sbin/postsrsd ] || need+=(postsrsd)
 command -v man >/dev/null || need+=(man-db)
 command -v groff >/dev/null || need+=(groff-base)
+# tests/hardening.rs rates the systemd unit with systemd-analyze.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "contrib/test.sh: missing ${need[*]}; run as root, or: sudo apt-get install ${need[*]}" >&2

@@ -229,11 +229,14 @@ impl Engine {
         &self,
         env: &Envelope,
         headers: &[(String, String)],
+        header_bytes: u64,
         size: u64,
         raw: &[u8],
     ) -> Decision {
         let c = &self.config.content;
-        if let Some((verdict, reason)) = crate::checks::content::check(c, headers, size, raw) {
+        if let Some((verdict, reason)) =
+            crate::checks::content::check(c, headers, header_bytes, size, raw)
+        {
             return self.decide(
                 Stage::EndOfMessage,
                 env,
@@ -805,6 +808,19 @@ impl Engine {
             }
             None
         };
+        if stage == Stage::Rcpt
+            && let Some((verdict, reason)) = crate::checks::address::check(env)
+            && let Some(d) = keep(self.decide(
+                stage,
+                env,
+                crate::checks::address::NAME,
+                verdict,
+                reason,
+                None,
+            ))
+        {
+            return d;
+        }
         if let Some((verdict, reason)) = self.reject_clients.check(env)
             && let Some(d) = keep(self.decide(stage, env, clients::NAME, verdict, reason, None))
         {

@@ -3,6 +3,10 @@
 
 use std::{fmt, net::IpAddr};
 
+/// The longest address an SMTP path can carry (RFC 5321 §4.5.3.1.3: 256
+/// octets with its angle brackets).
+pub const MAX_ADDRESS: usize = 254;
+
 /// The SMTP stage a decision is made at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {

@@ -92,7 +92,8 @@ async fn respond(stream: &mut Stream, services: &Services) {
             write(stream, "200 OK", "text/plain", "ok\n", head_only).await
         }
         (_, p) if p.starts_with("/lists/") => {
-            let (status, body) = if from_loopback(stream) {
+            let refusal = operator_refusal(stream, &head);
+            let (status, body) = if refusal.is_none() {
                 // Boxed: the store's future types nest deep enough to overflow
                 // the compiler's layout queries for the connection tasks.
                 Box::pin(lists(
@@ -103,15 +104,13 @@ async fn respond(stream: &mut Stream, services: &Services) {
                 ))
                 .await
             } else {
-                (
-                    "403 Forbidden",
-                    "list requests are taken from loopback clients only\n".to_owned(),
-                )
+                ("403 Forbidden", refusal.unwrap_or_default().to_owned())
             };
             write(stream, status, "text/plain; charset=utf-8", &body, false).await
         }
         ("POST", "/roster/sync") => {
-            if from_loopback(stream) {
+            let refusal = operator_refusal(stream, &head);
+            if refusal.is_none() {
                 let query = target.split_once('?').map_or("", |(_, q)| q);
                 let flag = |name: &str| {
                     query.split('&').any(|kv| {
@@ -133,7 +132,7 @@ async fn respond(stream: &mut Stream, services: &Services) {
                     stream,
                     "403 Forbidden",
                     "text/plain",
-                    "roster requests are taken from loopback clients only\n",
+                    refusal.unwrap_or_default(),
                     false,
                 )
                 .await
@@ -163,6 +162,59 @@ async fn respond(stream: &mut Stream, services: &Services) {
     if let Err(e) = result {
         debug!("http: cannot answer: {e}");
     }
+}
+
+/// The header the `mxguard` command sends with operator requests
+/// (`/lists/...`, `/roster/sync`). A web page cannot add it to a request to
+/// another site without a CORS preflight, which this server never grants,
+/// and mxguard's own webhook client never sends it: neither a page in a
+/// browser on this host nor an alias pointed at this listener can change
+/// the lists.
+pub const OPERATOR_HEADER: &str = "X-Mxguard-Operator";
+
+/// Why an operator request is refused (403), if it is.
+fn operator_refusal(stream: &Stream, head: &str) -> Option<&'static str> {
+    if !from_loopback(stream) {
+        return Some("operator requests are taken from loopback clients only\n");
+    }
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    // A page of another site whose name was made to resolve to 127.0.0.1
+    // (DNS rebinding) still sends that name as its Host.
+    if matches!(stream, Stream::Tcp(_)) && !header("Host").is_some_and(is_loopback_host) {
+        return Some(
+            "operator requests must name a loopback Host (127.0.0.1, [::1] or localhost)\n",
+        );
+    }
+    if header(OPERATOR_HEADER) != Some("1") {
+        return Some(
+            "operator requests need the header X-Mxguard-Operator: 1, which the mxguard command sends\n",
+        );
+    }
+    None
+}
+
+/// Whether a Host header names this host by a loopback address or
+/// `localhost`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if host.parse::<std::net::IpAddr>().is_ok() {
+        host
+    } else if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn from_loopback(stream: &Stream) -> bool {
@@ -326,9 +378,15 @@ pub fn request(
     };
     let mut s = std::net::TcpStream::connect((host.as_str(), *port))?;
     s.set_read_timeout(Some(TIMEOUT))?;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{OPERATOR_HEADER}: 1\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
@@ -344,7 +402,35 @@ pub fn request(
 
 #[cfg(test)]
 mod tests {
-    use super::{percent_decode, percent_encode};
+    use super::{is_loopback_host, percent_decode, percent_encode};
+
+    #[test]
+    fn only_loopback_names_are_loopback_hosts() {
+        for h in [
+            "127.0.0.1",
+            "127.0.0.1:9190",
+            "127.5.6.7",
+            "::1",
+            "[::1]",
+            "[::1]:9190",
+            "localhost",
+            "LOCALHOST:9190",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "",
+            "attacker.example",
+            "attacker.example:9190",
+            "localhost.attacker.example",
+            "127.0.0.1.attacker.example",
+            "192.0.2.1",
+            "[2001:db8::1]",
+            "127.0.0.1:x",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
 
     #[test]
     fn percent_coding_round_trips() {

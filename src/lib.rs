@@ -63,6 +63,15 @@ impl ConfigFile {
             config: Config::load(path)?,
         })
     }
+
+    /// Reads the file again for a reload: as [`ConfigFile::load`], but a
+    /// file with no settings is refused ([`Config::load_for_reload`]).
+    pub fn reload(path: &Path) -> Result<Self, ConfigError> {
+        Ok(Self {
+            path: path.to_owned(),
+            config: Config::load_for_reload(path)?,
+        })
+    }
 }
 
 /// The sockets of the front ends, bound before [`run`] so that a caller (a
@@ -79,15 +88,48 @@ impl Listeners {
     /// Binds every front end the configuration turns on.
     pub async fn bind(config: &Config) -> io::Result<Self> {
         let milter = match &config.milter.listen {
-            Some(a) => Some(Listener::bind(a, config.milter.socket_mode).await?),
+            Some(a) => Some(
+                Listener::bind_with_group(
+                    a,
+                    config.milter.socket_mode,
+                    config
+                        .milter
+                        .socket_group
+                        .as_deref()
+                        .map(|g| ("milter.socket_group", g)),
+                )
+                .await?,
+            ),
             None => None,
         };
         let policy = match &config.policy.listen {
-            Some(a) => Some(Listener::bind(a, config.policy.socket_mode).await?),
+            Some(a) => Some(
+                Listener::bind_with_group(
+                    a,
+                    config.policy.socket_mode,
+                    config
+                        .policy
+                        .socket_group
+                        .as_deref()
+                        .map(|g| ("policy.socket_group", g)),
+                )
+                .await?,
+            ),
             None => None,
         };
         let socketmap = match &config.socketmap.listen {
-            Some(a) => Some(Listener::bind(a, config.socketmap.socket_mode).await?),
+            Some(a) => Some(
+                Listener::bind_with_group(
+                    a,
+                    config.socketmap.socket_mode,
+                    config
+                        .socketmap
+                        .socket_group
+                        .as_deref()
+                        .map(|g| ("socketmap.socket_group", g)),
+                )
+                .await?,
+            ),
             None => None,
         };
         let http = match &config.http.listen {
@@ -342,7 +384,7 @@ async fn finished<T>(
 /// that only take effect at start are kept, with a warning.
 fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, services: &engine::Services) {
     let metrics = &services.metrics;
-    let mut fresh = match ConfigFile::load(&running.path) {
+    let mut fresh = match ConfigFile::reload(&running.path) {
         Ok(f) => f,
         Err(e) => {
             metrics.reloads.with_label_values(&["error"]).inc();
@@ -362,13 +404,16 @@ fn reload_config(running: &mut ConfigFile, current: &CurrentEngine, services: &e
     }
     keep!(milter.listen);
     keep!(milter.socket_mode);
+    keep!(milter.socket_group);
     keep!(milter.max_connections);
     keep!(milter.idle_timeout);
     keep!(policy.listen);
     keep!(policy.socket_mode);
+    keep!(policy.socket_group);
     keep!(policy.max_connections);
     keep!(socketmap.listen);
     keep!(socketmap.socket_mode);
+    keep!(socketmap.socket_group);
     keep!(socketmap.max_connections);
     keep!(http.listen);
     keep!(log.level);

@@ -17,10 +17,11 @@ use std::{
     path::{Path, PathBuf},
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream},
     sync::watch,
 };
 
@@ -126,9 +127,26 @@ impl Listener {
     /// replaces a stale socket file (never any other kind of file) and sets
     /// the socket's permissions.
     pub async fn bind(addr: &ListenAddr, mode: SocketMode) -> io::Result<Self> {
+        Self::bind_with_group(addr, mode, None).await
+    }
+
+    /// [`Listener::bind`], and then gives a unix socket file to `group`
+    /// (`(option, group name)`; the option names it in errors). The group is
+    /// looked up before binding, so a wrong name leaves no socket behind.
+    pub async fn bind_with_group(
+        addr: &ListenAddr,
+        mode: SocketMode,
+        group: Option<(&str, &str)>,
+    ) -> io::Result<Self> {
+        let gid = match (addr, group) {
+            (ListenAddr::Unix(_), Some((option, name))) => {
+                Some((option, name, group_id(option, name)?))
+            }
+            _ => None,
+        };
         match addr {
             ListenAddr::Inet { host, port } => {
-                let l = TcpListener::bind((host.as_str(), *port))
+                let l = bind_tcp(host, *port)
                     .await
                     .map_err(|e| with_context(e, format!("cannot listen on {addr}")))?;
                 Ok(Self::Tcp(l))
@@ -138,6 +156,19 @@ impl Listener {
                 let l = UnixListener::bind(path)
                     .map_err(|e| with_context(e, format!("cannot listen on {addr}")))?;
                 let guard = UnixPath(path.clone());
+                // The group before the mode: the socket is never open to a
+                // group it was not meant for.
+                if let Some((option, name, gid)) = gid {
+                    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+                        with_context(
+                            e,
+                            format!(
+                                "{option}: cannot give {} to group {name} (the daemon must be root or a member of {name})",
+                                path.display()
+                            ),
+                        )
+                    })?;
+                }
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.0)).map_err(
                     |e| {
                         with_context(
@@ -183,6 +214,36 @@ impl Listener {
     }
 }
 
+/// Connections the kernel queues before we accept them (Linux caps it at
+/// `net.core.somaxconn`). The default of `TcpListener::bind` (128, as std's)
+/// drops the SYNs of a burst, such as every smtpd connecting at once after
+/// a reload, and each dropped client waits a second or more to retry.
+const TCP_BACKLOG: u32 = 1024;
+
+async fn bind_tcp(host: &str, port: u16) -> io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host((host, port)).await? {
+        let socket = if a.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind`: a restart can bind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        if let Err(e) = socket.bind(a) {
+            last = Some(e);
+            continue;
+        }
+        return socket.listen(TCP_BACKLOG);
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
 fn prepare_unix_path(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent()
@@ -213,6 +274,49 @@ fn prepare_unix_path(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The id of group `name`, from the system's group database (NSS).
+fn group_id(option: &str, name: &str) -> io::Result<libc::gid_t> {
+    let not_found = || {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{option}: no group named `{name}` on this host"),
+        )
+    };
+    let cname = std::ffi::CString::new(name).map_err(|_| not_found())?;
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: all-zero is a valid `struct group` (null pointers, gid 0).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated name, a struct and a buffer of the length
+        // given, all alive for the call; the strings it fills in point into
+        // `buf`, and only the gid is read.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            // Groups with many members need a larger buffer.
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            // glibc says "not found" with 0 and no result; other NSS
+            // modules with one of these.
+            0 | libc::ENOENT | libc::ESRCH if found.is_null() => return Err(not_found()),
+            0 => return Ok(grp.gr_gid),
+            rc => {
+                return Err(with_context(
+                    io::Error::from_raw_os_error(rc),
+                    format!("{option}: cannot look up group `{name}`"),
+                ));
+            }
+        }
+    }
+}
+
 fn with_context(e: io::Error, what: String) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
@@ -223,6 +327,28 @@ fn with_context(e: io::Error, what: String) -> io::Error {
 pub struct StoppableListener {
     inner: Option<Listener>,
     stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Set after an accept failed for want of resources: wait before the next.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Accept failures that are about this moment, not the socket: out of
+/// descriptors or memory, or a peer gone before we took its connection.
+/// indymilter ends its accept loop (and the daemon stops) on any error it
+/// sees, so these are retried here instead.
+fn accept_error_is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+        )
+    ) || e.kind() == io::ErrorKind::ConnectionAborted
 }
 
 impl StoppableListener {
@@ -233,6 +359,7 @@ impl StoppableListener {
         Self {
             inner: Some(inner),
             stopped,
+            backoff: None,
         }
     }
 }
@@ -244,8 +371,24 @@ impl indymilter::Listener for StoppableListener {
         if self.inner.is_some() && self.stopped.as_mut().poll(cx).is_ready() {
             self.inner = None;
         }
+        if let Some(wait) = self.backoff.as_mut() {
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.backoff = None;
+        }
         match &self.inner {
-            Some(l) => l.poll_accept(cx),
+            Some(l) => match l.poll_accept(cx) {
+                Poll::Ready(Err(e)) if accept_error_is_transient(&e) => {
+                    tracing::warn!("milter: accept failed: {e}; retrying in 100 ms");
+                    let mut wait = Box::pin(tokio::time::sleep(Duration::from_millis(100)));
+                    // Registers the waker, so the retry comes by itself.
+                    let _ = wait.as_mut().poll(cx);
+                    self.backoff = Some(wait);
+                    Poll::Pending
+                }
+                other => other,
+            },
             // Never ready again: the caller's own shutdown ends the loop.
             None => Poll::Pending,
         }
@@ -288,6 +431,70 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    /// A burst of connections larger than the old default backlog (128) is
+    /// queued by the kernel, not dropped, while nothing accepts them yet.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog() {
+        let listener = super::Listener::bind(
+            &crate::config::ListenAddr::Inet {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+            crate::config::SocketMode(0o666),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let addr = match listener.local_addr().unwrap_or_else(|e| panic!("{e}")) {
+            crate::config::ListenAddr::Inet { host, port } => format!("{host}:{port}"),
+            other => panic!("{other:?}"),
+        };
+        let connects: Vec<_> = (0..400)
+            .map(|_| {
+                let addr = addr.clone();
+                tokio::spawn(async move {
+                    tokio::time::timeout(
+                        std::time::Duration::from_millis(800),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for c in connects {
+            match c.await.unwrap_or_else(|e| panic!("{e}")) {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(e)) => panic!("connect failed: {e}"),
+                Err(_) => panic!("a connect waited for a SYN retry: the backlog is too short"),
+            }
+        }
+        assert_eq!(held.len(), 400);
+        drop(listener);
+    }
+
+    #[test]
+    fn running_out_of_descriptors_does_not_end_the_milter_accept_loop() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ECONNABORTED] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(super::accept_error_is_transient(&e), "{e}");
+        }
+        let broken = std::io::Error::from_raw_os_error(libc::EBADF);
+        assert!(!super::accept_error_is_transient(&broken));
+    }
+
+    #[test]
+    fn groups_are_looked_up_by_name() {
+        assert_eq!(super::group_id("x.socket_group", "root").ok(), Some(0));
+        let e = super::group_id("milter.socket_group", "no-such-group-mxguard")
+            .err()
+            .unwrap_or_else(|| panic!("an unknown group was found"));
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "milter.socket_group: no group named `no-such-group-mxguard` on this host"
+        );
+    }
+
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_limit() {
         let mut lim = libc::rlimit {

@@ -7,6 +7,7 @@
 //! (UTC, mod 1024) in base32. A sender that is already an SRS0 address of
 //! another forwarder becomes `SRS1=HHHH=hop==opaque@srs-domain`.
 
+use crate::envelope::MAX_ADDRESS;
 use ring::hmac;
 use std::fmt;
 
@@ -139,6 +140,17 @@ impl Srs {
             return Err(SrsError::Malformed(
                 "a domain that cannot be carried in SRS",
             ));
+        }
+        // The SRS address goes into the envelope as the new sender: a line
+        // break or NUL there is an injection, and no sender longer than an
+        // SMTP path allows (RFC 5321: 254 characters) is made longer still.
+        if local.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(SrsError::Malformed(
+                "a local part that cannot be carried in SRS",
+            ));
+        }
+        if sender.len() > MAX_ADDRESS {
+            return Err(SrsError::Malformed("longer than 254 characters"));
         }
         let signer = &self.secrets[0];
         let sep = self.separator;
@@ -334,7 +346,18 @@ mod tests {
     #[test]
     fn odd_senders_are_refused_or_wrapped_so_that_they_reverse() {
         let s = srs();
-        for sender in ["\u{fffd}J@\u{fffd}J=MM", "a@b=c", "a@b c", "a@b\r\nx"] {
+        let long = format!("{}@example.com", "a".repeat(243));
+        assert!(s.forward_at(&long[1..], DAY).is_ok(), "254 characters");
+        for sender in [
+            "\u{fffd}J@\u{fffd}J=MM",
+            "a@b=c",
+            "a@b c",
+            "a@b\r\nx",
+            "a\r\nBcc: x@evil.example@b.example",
+            "a\0b@b.example",
+            "a b@b.example",
+            long.as_str(),
+        ] {
             assert!(
                 matches!(s.forward_at(sender, DAY), Err(SrsError::Malformed(_))),
                 "{sender:?}"

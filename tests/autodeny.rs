@@ -166,7 +166,9 @@ async fn post(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n").as_bytes())
+    s.write_all(format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Mxguard-Operator: 1\r\nContent-Length: 0\r\n\r\n"
+    ).as_bytes())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut out = String::new();

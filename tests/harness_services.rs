@@ -335,6 +335,46 @@ async fn faults_fail_as_asked_over_udp_and_tcp() -> io::Result<()> {
 }
 
 #[tokio::test]
+async fn slow_answers_come_late_and_a_truncated_one_can_go_unanswered_over_tcp() -> io::Result<()> {
+    let dns = DnsServer::start().await?;
+    dns.add_txt("slow.example.org", "late");
+    dns.add_txt("fine.example.org", "ok");
+    dns.add_txt("cut.example.org", "x");
+    dns.set_fault("slow.example.org", Fault::Slow(Duration::from_millis(400)));
+    dns.set_fault("cut.example.org", Fault::TruncateTcpSilent);
+    for tcp in BOTH {
+        let t = std::time::Instant::now();
+        let m = query(dns.addr(), "slow.example.org", RecordType::TXT, tcp).await?;
+        assert_eq!(txt_of(&m), ["late"]);
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    // Over UDP a slow answer holds up no other.
+    let slow = query(dns.addr(), "slow.example.org", RecordType::TXT, false);
+    let fine = async {
+        let t = std::time::Instant::now();
+        let m = query(dns.addr(), "fine.example.org", RecordType::TXT, false).await;
+        (m, t.elapsed())
+    };
+    let (slow, (fine, took)) = tokio::join!(slow, fine);
+    assert_eq!(txt_of(&slow?), ["late"]);
+    assert_eq!(txt_of(&fine?), ["ok"]);
+    assert!(took < Duration::from_millis(200), "{took:?}");
+    let m = query(dns.addr(), "cut.example.org", RecordType::TXT, false).await?;
+    assert!(m.metadata.truncation && m.answers.is_empty(), "{m:?}");
+    let over_tcp = timeout(
+        Duration::from_millis(500),
+        query(dns.addr(), "cut.example.org", RecordType::TXT, true),
+    )
+    .await;
+    assert!(over_tcp.is_err(), "no answer over TCP: {over_tcp:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn udp_answers_too_large_for_the_asker_are_truncated() -> io::Result<()> {
     let dns = DnsServer::start().await?;
     dns.add_txt("spf.example.org", &"x".repeat(600));

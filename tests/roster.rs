@@ -181,15 +181,19 @@ async fn rosters_provision_sync_and_keep_the_last_good_set() {
             "{nobody}: {v}"
         );
     }
-    // The admins heard of the new addresses.
+    // The admins heard of the new addresses. The notification is sent once
+    // the sync is applied, so it may land a moment after the answers above.
+    let heard = |posts: &[serde_json::Value]| {
+        posts.iter().any(|p| {
+            p["domain"] == "example.org" && p["added"].as_array().is_some_and(|a| a.len() == 4)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !heard(&srv.posts()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let posts = srv.posts();
-    assert!(
-        posts
-            .iter()
-            .any(|p| p["domain"] == "example.org"
-                && p["added"].as_array().is_some_and(|a| a.len() == 4)),
-        "{posts:?}"
-    );
+    assert!(heard(&posts), "{posts:?}");
 
     // A dry run shows the diff and changes nothing.
     srv.set(

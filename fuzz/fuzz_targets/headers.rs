@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = check(
         &ContentConfig::default(),
         &headers,
+        head.len() as u64,
         data.len() as u64,
         body.as_bytes(),
     );

@@ -24,9 +24,12 @@ static SPAM_SUBJECT: LazyLock<Option<regex::Regex>> = LazyLock::new(|| {
 });
 
 /// The first rule the message breaks, with its reply and reason.
+/// `header_bytes` counts the whole header section, also the part past
+/// `max_header_size` that `headers` no longer holds.
 pub fn check(
     config: &ContentConfig,
     headers: &[(String, String)],
+    header_bytes: u64,
     size: u64,
     body: &[u8],
 ) -> Option<(Verdict, String)> {
@@ -39,6 +42,19 @@ pub fn check(
                 format!("Message size exceeds the limit of {max} bytes"),
             )),
             format!("{size} bytes, more than {max}"),
+        ));
+    }
+    // The rules below see only the headers kept: a longer header section
+    // could hide a second From or extra Received headers past the limit.
+    let max = config.max_header_size.0;
+    if max > 0 && header_bytes > max {
+        return Some((
+            Verdict::Reject(Reply::new(
+                552,
+                "5.3.4",
+                format!("Message header section exceeds {max} bytes"),
+            )),
+            format!("{header_bytes} header bytes, more than {max}"),
         ));
     }
     if config.require_from {
@@ -167,43 +183,44 @@ mod tests {
     fn each_rule_with_its_code_and_its_switch() {
         let c = ContentConfig::default();
         let from = ("From", "Alice <alice@example.com>");
-        assert_eq!(check(&c, &h(&[from]), 100, b""), None);
+        assert_eq!(check(&c, &h(&[from]), 0, 100, b""), None);
         assert_eq!(
-            code(check(&c, &h(&[from]), 60 << 20, b"")),
+            code(check(&c, &h(&[from]), 0, 60 << 20, b"")),
             Some((552, "5.3.4"))
         );
         assert_eq!(
-            code(check(&c, &h(&[("Subject", "x")]), 10, b"")),
+            code(check(&c, &h(&[("Subject", "x")]), 0, 10, b"")),
             Some((550, "5.7.1"))
         );
         for bad in ["nobody", "a@b.example, c@d.example", "<>", "Alice <a@b"] {
             assert_eq!(
-                code(check(&c, &h(&[("From", bad)]), 10, b"")),
+                code(check(&c, &h(&[("From", bad)]), 0, 10, b"")),
                 Some((550, "5.7.1")),
                 "{bad}"
             );
         }
         assert_eq!(
-            code(check(&c, &h(&[from, ("From", "b@c.example")]), 10, b"")),
+            code(check(&c, &h(&[from, ("From", "b@c.example")]), 0, 10, b"")),
             Some((550, "5.7.1"))
         );
         let mut loop_headers = h(&[from]);
         loop_headers.extend((0..26).map(|i| ("Received".to_owned(), format!("from h{i}"))));
         assert_eq!(
-            code(check(&c, &loop_headers, 10, b"")),
+            code(check(&c, &loop_headers, 0, 10, b"")),
             Some((550, "5.4.6"))
         );
         loop_headers.pop();
-        assert_eq!(check(&c, &loop_headers, 10, b""), None, "25 is fine");
+        assert_eq!(check(&c, &loop_headers, 0, 10, b""), None, "25 is fine");
         let body = [b"hi\r\n".as_slice(), GTUBE, b"\r\n"].concat();
         assert_eq!(
-            code(check(&c, &h(&[from]), 10, &body)),
+            code(check(&c, &h(&[from]), 0, 10, &body)),
             Some((554, "5.7.1"))
         );
         assert_eq!(
             code(check(
                 &c,
                 &h(&[from, ("Subject", "I RECORDED YOU")]),
+                0,
                 10,
                 b""
             )),
@@ -217,7 +234,36 @@ mod tests {
             spam_subjects: false,
             ..ContentConfig::default()
         };
-        assert_eq!(check(&off, &loop_headers, 60 << 20, &body), None);
+        assert_eq!(check(&off, &loop_headers, 0, 60 << 20, &body), None);
+    }
+
+    #[test]
+    fn a_header_section_past_the_limit_is_refused_not_partly_ignored() {
+        let c = ContentConfig::default();
+        let from = h(&[("From", "Alice <alice@example.com>")]);
+        let max = 256 * 1024;
+        assert_eq!(check(&c, &from, max, max + 10, b""), None, "at the limit");
+        let (verdict, reason) = check(&c, &from, max + 1, max + 10, b"")
+            .unwrap_or_else(|| panic!("one byte past the limit must be refused"));
+        assert_eq!(
+            verdict,
+            Verdict::Reject(Reply::new(
+                552,
+                "5.3.4",
+                "Message header section exceeds 262144 bytes"
+            ))
+        );
+        assert_eq!(reason, "262145 header bytes, more than 262144");
+        // It comes before the rules that read the (kept) headers.
+        assert_eq!(
+            code(check(&c, &h(&[("Subject", "no from")]), max + 1, max, b"")),
+            Some((552, "5.3.4"))
+        );
+        let off = ContentConfig {
+            max_header_size: crate::config::Size(0),
+            ..ContentConfig::default()
+        };
+        assert_eq!(check(&off, &from, 10 * max, 10 * max, b""), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (and, where it needs them, the clock, store and resolver) and returns a
 //! verdict; none of them touches a socket.
 
+pub mod address;
 pub mod allowlist;
 pub mod auth;
 pub mod autodeny;

@@ -65,6 +65,8 @@ pub struct MilterConfig {
     pub listen: Option<ListenAddr>,
     /// Permissions of a unix socket file (octal).
     pub socket_mode: SocketMode,
+    /// Group a unix socket file is given after bind; `null` leaves it alone.
+    pub socket_group: Option<String>,
     /// Run the envelope checks in the milter's RCPT callback.
     pub envelope_checks: EnvelopeChecks,
     /// Add the `X-Mxguard` trace header to every accepted message.
@@ -79,6 +81,7 @@ impl Default for MilterConfig {
         Self {
             listen: Some(ListenAddr::Unix("/run/mxguard/milter.sock".into())),
             socket_mode: SocketMode(0o666),
+            socket_group: None,
             envelope_checks: EnvelopeChecks::Auto,
             trace_header: true,
             max_connections: 1000,
@@ -105,6 +108,8 @@ pub struct PolicyConfig {
     /// `inet:HOST:PORT` or `unix:/PATH`; `null` turns the policy front end off.
     pub listen: Option<ListenAddr>,
     pub socket_mode: SocketMode,
+    /// Group a unix socket file is given after bind; `null` leaves it alone.
+    pub socket_group: Option<String>,
     /// Clients (IP addresses or CIDR blocks) refused with 554 5.7.1.
     pub reject_clients: Vec<IpNet>,
     pub max_connections: usize,
@@ -125,6 +130,7 @@ impl Default for PolicyConfig {
                 port: 10040,
             }),
             socket_mode: SocketMode(0o666),
+            socket_group: None,
             reject_clients: Vec::new(),
             max_connections: 1000,
             idle_timeout: Duration::from_secs(600),
@@ -142,6 +148,8 @@ pub struct SocketmapConfig {
     /// `inet:HOST:PORT` or `unix:/PATH`; off unless set.
     pub listen: Option<ListenAddr>,
     pub socket_mode: SocketMode,
+    /// Group a unix socket file is given after bind; `null` leaves it alone.
+    pub socket_group: Option<String>,
     pub max_connections: usize,
     /// Close a connection on which Postfix sends nothing for this long.
     pub idle_timeout: Duration,
@@ -154,6 +162,7 @@ impl Default for SocketmapConfig {
         Self {
             listen: None,
             socket_mode: SocketMode(0o666),
+            socket_group: None,
             max_connections: 100,
             idle_timeout: Duration::from_secs(600),
             transport: "smtp".into(),
@@ -554,6 +563,10 @@ pub struct ContentConfig {
     /// Largest message (headers and body) accepted, and kept in memory;
     /// 0: no limit of mxguard's (Postfix's message_size_limit still holds).
     pub max_message_size: Size,
+    /// Largest header section accepted; the end-of-message decisions see
+    /// every header up to it, and a larger one is refused rather than
+    /// partly ignored. 0: no limit of its own.
+    pub max_header_size: Size,
     /// Exactly one valid address in exactly one From header.
     pub require_from: bool,
     /// Most Received headers before the message counts as looping; 0: off.
@@ -571,6 +584,7 @@ impl Default for ContentConfig {
     fn default() -> Self {
         Self {
             max_message_size: Size(52_428_800),
+            max_header_size: Size(256 * 1024),
             require_from: true,
             max_received: 25,
             gtube: true,
@@ -835,6 +849,29 @@ impl Config {
         Self::parse(&text, &path.display().to_string())
     }
 
+    /// [`Config::load`] for a reload: a file that holds no setting (empty,
+    /// or comments only) is refused. Taken, it would put every default in
+    /// force (greylisting, say) on a running site, and such a file is far
+    /// more often one caught half-written than a wish for the defaults.
+    pub fn load_for_reload(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: origin.clone(),
+            source,
+        })?;
+        if let Ok(None | Some(serde_yaml::Value::Null)) =
+            serde_yaml::from_str::<Option<serde_yaml::Value>>(&text)
+        {
+            return Err(ConfigError::Invalid {
+                path: origin,
+                message: "the file holds no settings (an empty file means every default only \
+                          at start, never on a reload)"
+                    .into(),
+            });
+        }
+        Self::parse(&text, &origin)
+    }
+
     /// Parses and validates YAML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         // An empty file, or one holding only comments, means "all defaults".
@@ -876,6 +913,20 @@ impl Config {
                 "http.listen is unix:{}: the HTTP listener takes HOST:PORT only",
                 p.display()
             ));
+        }
+        // Whether the group exists is a fact of the host, checked at start.
+        for (name, group) in [
+            ("milter.socket_group", &self.milter.socket_group),
+            ("policy.socket_group", &self.policy.socket_group),
+            ("socketmap.socket_group", &self.socketmap.socket_group),
+        ] {
+            if let Some(g) = group
+                && (g.is_empty() || g.contains(['\0', ':', '/']) || g.contains(char::is_whitespace))
+            {
+                return Err(format!(
+                    "{name} `{g}` is not a group name: give a name such as postfix, or null"
+                ));
+            }
         }
         for (name, n) in [
             ("milter.max_connections", self.milter.max_connections),
@@ -1137,6 +1188,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_refuses_a_file_with_no_settings() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("mxguard.yaml");
+        for blank in ["", "\n", "# only a comment\n", "~\n", "---\n"] {
+            fs::write(&path, blank)?;
+            assert!(
+                Config::load(&path).is_ok(),
+                "{blank:?} is all defaults at start"
+            );
+            let e = Config::load_for_reload(&path).map_err(|e| e.to_string());
+            assert!(
+                e.as_ref().is_err_and(|e| e.contains("holds no settings")),
+                "{blank:?}: {e:?}"
+            );
+        }
+        fs::write(&path, "mode: report\n")?;
+        assert_eq!(Config::load_for_reload(&path)?.mode, Mode::Report);
+        fs::write(&path, "mode: [\n")?;
+        let e = Config::load_for_reload(&path).map_err(|e| e.to_string());
+        assert!(
+            e.is_err_and(|e| e.contains("mxguard.yaml:")),
+            "syntax errors as before"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn empty_file_means_defaults() -> Result<(), ConfigError> {
         assert_eq!(Config::parse("", "t.yaml")?, Config::default());
         assert_eq!(
@@ -1229,6 +1307,38 @@ mod tests {
             SocketMode(0o600)
         );
         assert!(err("milter: { socket_mode: 0999 }").contains("invalid socket mode"));
+        Ok(())
+    }
+
+    #[test]
+    fn socket_groups() -> Result<(), ConfigError> {
+        let d = Config::default();
+        assert_eq!(
+            (
+                &d.milter.socket_group,
+                &d.policy.socket_group,
+                &d.socketmap.socket_group
+            ),
+            (&None, &None, &None)
+        );
+        let c = Config::parse(
+            "milter: { socket_group: postfix }\npolicy: { socket_group: mail }\nsocketmap: { socket_group: null }\n",
+            "t",
+        )?;
+        assert_eq!(c.milter.socket_group.as_deref(), Some("postfix"));
+        assert_eq!(c.policy.socket_group.as_deref(), Some("mail"));
+        assert_eq!(c.socketmap.socket_group, None);
+        // Printed and read back, the option survives.
+        assert_eq!(Config::parse(&c.to_yaml(), "printed")?, c);
+        assert_eq!(
+            err("socketmap: { socket_group: \"\" }\n"),
+            "t.yaml: socketmap.socket_group `` is not a group name: give a name such as postfix, or null"
+        );
+        assert!(
+            err("milter: { socket_group: \"post fix\" }\n")
+                .contains("milter.socket_group `post fix` is not a group name"),
+        );
+        assert!(err("policy: { socket_group: [postfix] }\n").contains("policy"));
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! calls on `Session` and verdicts back into milter replies.
 
 use super::{
-    InFlight,
+    ConnectionLimit, InFlight,
     session::{EndOfMessage, Session},
 };
 use crate::{
@@ -57,13 +57,18 @@ pub fn make_callbacks(
     current: Arc<CurrentEngine>,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    limit: ConnectionLimit,
 ) -> Callbacks<Session> {
     let m_rcpt = metrics.clone();
     let m_connect = metrics.clone();
     let m_eom = metrics;
     Callbacks::new()
         .on_negotiate(move |cx, actions, opts| {
-            let session = Session::new(current.get(), in_flight.clone());
+            let mut session = Session::new(current.get(), in_flight.clone());
+            match limit.take() {
+                Some(slot) => session.hold_connection_slot(slot),
+                None => session.refuse_at_connect(limit.refusal()),
+            }
             Box::pin(async move { negotiate(cx, session, actions, opts) })
         })
         .on_connect(move |cx, hostname, info| {
@@ -162,6 +167,14 @@ async fn connect(
     };
     let ptr = macro_string(&cx.macros, c"{client_ptr}");
     let session = session!(cx);
+    if let Some(refusal) = session.over_limit() {
+        metrics
+            .connections_refused
+            .with_label_values(&[FRONTEND])
+            .inc();
+        warn!("milter: session refused: milter.max_connections sessions already open");
+        return answer(&mut cx.reply, refusal);
+    }
     session.connect(&hostname.to_string_lossy(), addr, ptr.as_deref());
     let verdict = session.check_connection().await;
     if verdict.is_final() {

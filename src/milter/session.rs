@@ -20,9 +20,11 @@ pub struct Session {
     engine: Arc<Engine>,
     envelope: Envelope,
     recipients: Vec<Recipient>,
-    /// The message's headers as received, bounded (`MAX_HEADER_BYTES`).
+    /// The message's headers as received, up to `content.max_header_size`.
     headers: Vec<(String, String)>,
-    header_bytes: usize,
+    /// Bytes of the whole header section, also past the limit (which the
+    /// end of the message then refuses).
+    header_bytes: u64,
     /// The whole message, kept in memory only while some recipient is
     /// forwarded to a webhook; `None` once over `webhooks.max_message_size`.
     raw: Option<Vec<u8>>,
@@ -42,12 +44,12 @@ pub struct Session {
     size: u64,
     /// This connection, counted against its client while the session lives.
     _slot: Option<crate::checks::ratelimit::Slot>,
+    /// This session's place under `milter.max_connections`, or the refusal
+    /// it gets at connect when there was none.
+    _connection_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    over_limit: Option<Verdict>,
     _counted: SessionGuard,
 }
-
-/// Headers kept for the end-of-message decisions; a message with more
-/// header bytes keeps its first ones.
-const MAX_HEADER_BYTES: usize = 256 * 1024;
 
 /// What the end of a message brings: the edits to make, and the verdict
 /// for the message.
@@ -85,8 +87,25 @@ impl Session {
             noreply: indymilter::ProtoOpts::empty(),
             size: 0,
             _slot: None,
+            _connection_slot: None,
+            over_limit: None,
             _counted: counted,
         }
+    }
+
+    /// Holds the session's slot under `milter.max_connections`.
+    pub fn hold_connection_slot(&mut self, slot: tokio::sync::OwnedSemaphorePermit) {
+        self._connection_slot = Some(slot);
+    }
+
+    /// The session got no slot: it is refused with `refusal` at connect.
+    pub fn refuse_at_connect(&mut self, refusal: Verdict) {
+        self.over_limit = Some(refusal);
+    }
+
+    /// The refusal of a session past `milter.max_connections`.
+    pub fn over_limit(&self) -> Option<&Verdict> {
+        self.over_limit.as_ref()
     }
 
     pub fn set_leading_space(&mut self, on: bool) {
@@ -270,8 +289,13 @@ impl Session {
         } else {
             value
         };
-        if self.header_bytes + line <= MAX_HEADER_BYTES {
-            self.header_bytes += line;
+        self.header_bytes = self
+            .header_bytes
+            .saturating_add(u64::try_from(line).unwrap_or(u64::MAX));
+        // Past the limit nothing more is kept: the message is refused at
+        // its end, so no decision is made on a part of its headers.
+        let max = self.engine.config().content.max_header_size.0;
+        if max == 0 || self.header_bytes <= max {
             self.headers.push((name.to_owned(), stripped.to_owned()));
         }
         // The exact header line for DKIM: with LEADING_SPACE the value
@@ -345,7 +369,13 @@ impl Session {
         let engine = self.engine.clone();
         let raw = self.raw.take().unwrap_or_default();
         let content = engine
-            .content_decision(&self.envelope, &self.headers, self.size, &raw)
+            .content_decision(
+                &self.envelope,
+                &self.headers,
+                self.header_bytes,
+                self.size,
+                &raw,
+            )
             .await;
         if content.verdict.is_final() {
             return EndOfMessage {
@@ -502,6 +532,9 @@ impl Session {
         }
         let args = plan.no_bounce.map(|_| "NOTIFY=NEVER".to_owned());
         eom.add_recipients = plan.add.iter().map(|a| (a.clone(), args.clone())).collect();
+        // Whatever went into them (envelope, macros, the message's own
+        // headers), the headers written stay headers: sealed as sent.
+        fit_headers(&mut eom);
         // ARC seal over the message as it will leave.
         if plan.forwarded
             && let Some((_, findings)) = &auth
@@ -515,7 +548,13 @@ impl Session {
             let message = final_message(&eom, &self.headers, body);
             match engine.arc_seal(&message, results).await {
                 Some(Ok(set)) => {
-                    let mut headers = set;
+                    let mut headers: Vec<(String, String)> = set
+                        .into_iter()
+                        .map(|(n, v)| {
+                            let v = fit_header(&n, &v);
+                            (n, v)
+                        })
+                        .collect();
                     headers.append(&mut eom.insert_headers);
                     eom.insert_headers = headers;
                 }
@@ -607,6 +646,86 @@ fn final_message(eom: &EndOfMessage, headers: &[(String, String)], body: &[u8]) 
     out
 }
 
+/// Longest line of a header mxguard writes (RFC 5322 allows 998 octets).
+const MAX_WRITTEN_LINE: usize = 900;
+
+fn fit_headers(eom: &mut EndOfMessage) {
+    for (n, v) in &mut eom.insert_headers {
+        *v = fit_header(n, v);
+    }
+    for (n, _, v) in &mut eom.change_headers {
+        *v = fit_header(n, v);
+    }
+}
+
+/// A header value mxguard writes, safe whatever it was built from: no NUL
+/// or other control character, no line end that is not folding (LF then a
+/// space or tab, as Postfix takes folded values), no line left empty, and
+/// no line over [`MAX_WRITTEN_LINE`] (folded at white space where there is
+/// some, else cut with a tab: a long token of a hostile input is split
+/// rather than sent as a line a relay would break or refuse).
+fn fit_header(name: &str, value: &str) -> String {
+    let mut flat = String::with_capacity(value.len());
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' | '\n' => {
+                if c == '\r' && chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                if matches!(chars.peek(), Some(' ' | '\t')) {
+                    flat.push('\n');
+                } else {
+                    flat.push(' ');
+                }
+            }
+            '\t' => flat.push('\t'),
+            c if c.is_control() => {}
+            c => flat.push(c),
+        }
+    }
+    let mut out = String::with_capacity(flat.len() + 16);
+    let mut budget = MAX_WRITTEN_LINE.saturating_sub(name.len() + 2).max(1);
+    for (i, line) in flat.split('\n').enumerate() {
+        if i > 0 && line.trim().is_empty() {
+            continue;
+        }
+        let mut rest = line;
+        if i > 0 {
+            out.push('\n');
+        }
+        while rest.len() > budget {
+            let mut cut = budget;
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            // The last white space after some text, else a hard cut.
+            match rest[..cut]
+                .rfind([' ', '\t'])
+                .filter(|&at| !rest[..at].trim().is_empty())
+            {
+                Some(at) => {
+                    out.push_str(&rest[..at]);
+                    out.push('\n');
+                    rest = &rest[at..];
+                    budget = MAX_WRITTEN_LINE;
+                }
+                None => {
+                    out.push_str(&rest[..cut]);
+                    out.push_str("\n\t");
+                    rest = &rest[cut..];
+                    // The tab that starts the next line counts.
+                    budget = MAX_WRITTEN_LINE - 1;
+                }
+            }
+        }
+        out.push_str(rest);
+        budget = MAX_WRITTEN_LINE;
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
 /// Lone LF (how Postfix passes folded header lines) as CRLF.
 fn crlf(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 8);
@@ -630,7 +749,46 @@ fn strip_brackets(s: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_brackets;
+    use super::{MAX_WRITTEN_LINE, fit_header, strip_brackets};
+
+    #[test]
+    fn written_headers_cannot_be_broken_out_of() {
+        for evil in [
+            "a\r\nX-Evil: 1",
+            "a\nX-Evil: 1",
+            "a\rX-Evil: 1",
+            "a\0X-Evil: 1",
+            "a\r\n\r\nX-Evil: 1",
+            "a\n\nBcc: x@example.net",
+        ] {
+            let v = fit_header("X-Original-To", evil);
+            assert!(!v.contains(['\r', '\n', '\0']), "{evil:?} gave {v:?}");
+        }
+        // Folding stays folding; a line of white space alone goes.
+        assert_eq!(fit_header("A", "a\r\n b"), "a\n b");
+        assert_eq!(fit_header("A", "a\n\tb"), "a\n\tb");
+        assert_eq!(fit_header("A", "a\r\n \r\n b\r\n "), "a\n b");
+        assert_eq!(fit_header("A", "a\r\n X-Evil: 1"), "a\n X-Evil: 1");
+    }
+
+    #[test]
+    fn written_headers_are_folded_under_the_line_limit() {
+        let words = "word ".repeat(1000);
+        let v = fit_header("X-Mxguard-Sender", &words);
+        assert_eq!(v.replace("\n", ""), words.trim_end());
+        let token = "é".repeat(5000);
+        let v = fit_header("Authentication-Results", &token);
+        assert_eq!(v.replace("\n\t", ""), token);
+        for v in [fit_header("X-Mxguard-Sender", &words), v] {
+            let lines: Vec<&str> = v.split('\n').collect();
+            assert!(lines.len() > 1);
+            assert!(
+                lines.iter().all(|l| l.len() <= MAX_WRITTEN_LINE),
+                "{lines:?}"
+            );
+            assert!(lines[1..].iter().all(|l| l.starts_with([' ', '\t'])));
+        }
+    }
 
     #[test]
     fn brackets() {

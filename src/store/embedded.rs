@@ -5,6 +5,13 @@
 //! Operations never touch the disk, so they are as fast as a mutex; redb's
 //! copy-on-write commits make each flush all-or-nothing, so a crash loses at
 //! most the writes since the last flush and never damages the file.
+//!
+//! When a flush fails (disk full, file system read-only), changes are
+//! refused with [`StoreError::Unwritable`] until a flush succeeds again, so
+//! the checks follow `store.on_error` rather than acknowledge state that a
+//! crash would lose. redb refuses every write after one I/O error, so the
+//! next flush reopens the file first: the store recovers without a restart
+//! once the disk has room again.
 
 use super::{Result, StoreError, ttl_ms};
 use crate::clock::Clock;
@@ -98,6 +105,8 @@ struct Shared {
     /// Read under a shard lock by every write, so that no write slips in
     /// after the final flush of `close`.
     closed: AtomicBool,
+    /// Why the last flush failed; `None` after a flush that succeeded.
+    unwritable: Mutex<Option<String>>,
 }
 
 pub(super) struct Embedded {
@@ -141,13 +150,15 @@ impl Embedded {
             db: Mutex::new(Some(Arc::new(db))),
             flush_lock: tokio::sync::Mutex::new(()),
             closed: AtomicBool::new(false),
+            unwritable: Mutex::new(None),
         });
         // The tasks hold the store weakly: dropping every handle ends them.
         let flusher = every(flush_interval, Arc::downgrade(&shared), |s| async move {
             // Detached: aborting this task (close, drop) must not cut a
             // flush in the middle.
+            // The first failure and the recovery are logged by the flush.
             if let Err(e) = s.flush_detached().await {
-                warn!("embedded store: cannot write the state file: {e}; retrying");
+                debug!("embedded store: cannot write the state file: {e}; retrying");
             }
         });
         let purger = every(purge_interval, Arc::downgrade(&shared), |s| async move {
@@ -168,7 +179,7 @@ impl Embedded {
     }
 
     pub(super) fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<()> {
-        self.shared.with(key, |s, now| {
+        self.shared.with_write(key, |s, now| {
             s.put(
                 key,
                 Entry {
@@ -186,7 +197,7 @@ impl Embedded {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<bool> {
-        self.shared.with(key, |s, now| {
+        self.shared.with_write(key, |s, now| {
             if s.live(key, now).is_some() {
                 return Ok(false);
             }
@@ -202,7 +213,7 @@ impl Embedded {
     }
 
     pub(super) fn incr(&self, key: &str, by: i64, ttl_on_create: Duration) -> Result<i64> {
-        self.shared.with(key, |s, now| {
+        self.shared.with_write(key, |s, now| {
             let n = match s.live(key, now) {
                 Some(e) => {
                     let n = parse_integer(&e.value)
@@ -229,7 +240,7 @@ impl Embedded {
     }
 
     pub(super) fn delete(&self, key: &str) -> Result<bool> {
-        self.shared.with(key, |s, now| {
+        self.shared.with_write(key, |s, now| {
             let existed = s.live(key, now).is_some();
             if existed {
                 s.map.remove(key);
@@ -288,6 +299,18 @@ impl Drop for Embedded {
 }
 
 impl Shared {
+    /// [`Shared::with`] for an operation that changes state: refused while
+    /// the state file cannot be written.
+    fn with_write<R>(&self, key: &str, f: impl FnOnce(&mut Shard, u64) -> Result<R>) -> Result<R> {
+        if let Some(detail) = lock(&self.unwritable).clone() {
+            return Err(StoreError::Unwritable {
+                path: self.path.clone(),
+                detail,
+            });
+        }
+        self.with(key, f)
+    }
+
     fn with<R>(&self, key: &str, f: impl FnOnce(&mut Shard, u64) -> Result<R>) -> Result<R> {
         let now = now_ms(&*self.clock);
         let mut shard = lock(&self.shards[shard_index(&self.hasher, key)]);
@@ -309,10 +332,17 @@ impl Shared {
 
     async fn flush(&self) -> Result<()> {
         let _guard = self.flush_lock.lock().await;
-        let Some(db) = lock(&self.db).clone() else {
+        let reopen = lock(&self.unwritable).is_some();
+        // To reopen, the handle is taken out, so that the file is released.
+        let db = if reopen {
+            lock(&self.db).take()
+        } else {
+            lock(&self.db).clone()
+        };
+        if db.is_none() && !reopen {
             // Closed, and its final flush wrote everything.
             return Ok(());
-        };
+        }
         let now = now_ms(&*self.clock);
         let mut batch: Vec<(Box<str>, Option<Vec<u8>>)> = Vec::new();
         for shard in &self.shards {
@@ -323,26 +353,67 @@ impl Shared {
                 (k, v)
             }));
         }
-        if batch.is_empty() {
+        // While unwritable, even an empty batch is committed: it shows the
+        // file takes writes again.
+        if batch.is_empty() && !reopen {
             return Ok(());
         }
         let path = self.path.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let r = write_batch(&db, &batch);
-            (r, batch)
+            // After a failed commit redb refuses every later one
+            // (`PreviousIo`): the file is reopened (and repaired if need be)
+            // before trying again.
+            let db = if reopen {
+                drop(db);
+                match Database::builder().create(&path) {
+                    Ok(db) => Some(Arc::new(db)),
+                    Err(e) => return (Err(database_error(&path, e)), None, batch),
+                }
+            } else {
+                db
+            };
+            let r = match &db {
+                Some(db) => write_batch(db, &batch).map_err(|e| redb_error(&path, e)),
+                None => Ok(()),
+            };
+            (r, db, batch)
         })
         .await;
-        match written {
-            Ok((Ok(()), _)) => Ok(()),
-            Ok((Err(e), batch)) => {
+        let (result, reopened, batch) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let e = io_error(&self.path, std::io::Error::other(e.to_string()));
+                self.set_unwritable(&e);
+                return Err(e);
+            }
+        };
+        if reopen {
+            *lock(&self.db) = reopened;
+        }
+        match result {
+            Ok(()) => {
+                if lock(&self.unwritable).take().is_some() {
+                    warn!(path = %self.path.display(), "embedded store: the state file is written again; changes are taken again");
+                }
+                Ok(())
+            }
+            Err(e) => {
                 // Written next time, with whatever value the key has then.
                 for (k, _) in batch {
                     let i = shard_index(&self.hasher, &k);
                     lock(&self.shards[i]).dirty.insert(k);
                 }
-                Err(redb_error(&path, e))
+                self.set_unwritable(&e);
+                Err(e)
             }
-            Err(e) => Err(io_error(&path, std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    fn set_unwritable(&self, e: &StoreError) {
+        if lock(&self.unwritable).replace(e.to_string()).is_none() {
+            warn!(
+                "embedded store: cannot write the state file: {e}; changes are refused (store.on_error) until it can be written again"
+            );
         }
     }
 

@@ -55,6 +55,11 @@ pub enum StoreError {
     Backend(String),
     #[error("the state store is closed")]
     Closed,
+    /// The embedded store's last flush failed (disk full, read-only file
+    /// system): changes are refused, so none is acknowledged that a crash
+    /// would lose, until a flush succeeds again.
+    #[error("{}: the state file cannot be written ({detail}); changes are refused until it can be", path.display())]
+    Unwritable { path: PathBuf, detail: String },
     #[error("{0}")]
     Config(String),
 }
@@ -71,6 +76,7 @@ impl StoreError {
             StoreError::NotInteger { .. } => "not_integer",
             StoreError::Backend(_) => "backend",
             StoreError::Closed => "closed",
+            StoreError::Unwritable { .. } => "unwritable",
             StoreError::Config(_) => "config",
         }
     }

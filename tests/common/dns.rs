@@ -50,6 +50,11 @@ pub enum Fault {
     Timeout,
     /// Over UDP an empty answer with the TC bit; over TCP the full answer.
     Truncate,
+    /// Over UDP an empty answer with the TC bit; over TCP no answer (the
+    /// connection stays open), so the retry over TCP goes unanswered.
+    TruncateTcpSilent,
+    /// The right answer, sent this long after the question.
+    Slow(std::time::Duration),
 }
 
 #[derive(Default)]
@@ -288,8 +293,13 @@ fn answer(packet: &[u8], shared: &Shared, over_tcp: bool) -> Option<Vec<u8>> {
             Some(Fault::Timeout) => return None,
             Some(Fault::ServFail) => response.metadata.response_code = ResponseCode::ServFail,
             Some(Fault::Refused) => response.metadata.response_code = ResponseCode::Refused,
-            Some(Fault::Truncate) if !over_tcp => response.metadata.truncation = true,
-            Some(Fault::Truncate) | None => fill(&mut response, &zone, &owner, query, shared),
+            Some(Fault::Truncate | Fault::TruncateTcpSilent) if !over_tcp => {
+                response.metadata.truncation = true
+            }
+            Some(Fault::TruncateTcpSilent) => return None,
+            Some(Fault::Truncate | Fault::Slow(_)) | None => {
+                fill(&mut response, &zone, &owner, query, shared)
+            }
         }
         response
     };
@@ -334,16 +344,43 @@ fn fill(response: &mut Message, zone: &Zone, owner: &str, query: &Query, shared:
     }
 }
 
+/// How long to hold the answer to this packet back (`Fault::Slow`).
+fn delay(packet: &[u8], shared: &Shared) -> Option<std::time::Duration> {
+    let request = Message::from_vec(packet).ok()?;
+    let query = request.queries.first()?;
+    match shared.zone().faults.get(&key(&query.name().to_ascii())) {
+        Some(Fault::Slow(d)) => Some(*d),
+        _ => None,
+    }
+}
+
 async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>) {
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; 65535];
+    // Slow answers wait in tasks of their own, so others are not held up;
+    // they end with the server.
+    let mut slow = JoinSet::new();
     loop {
         // Errors here are about one datagram (or a stray ICMP message).
         let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
             continue;
         };
-        if let Some(reply) = answer(&buf[..n], &shared, false) {
-            let _ = socket.send_to(&reply, peer).await;
+        let Some(reply) = answer(&buf[..n], &shared, false) else {
+            continue;
+        };
+        match delay(&buf[..n], &shared) {
+            Some(d) => {
+                let socket = socket.clone();
+                slow.spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let _ = socket.send_to(&reply, peer).await;
+                });
+            }
+            None => {
+                let _ = socket.send_to(&reply, peer).await;
+            }
         }
+        while slow.try_join_next().is_some() {}
     }
 }
 
@@ -376,6 +413,9 @@ async fn serve_tcp_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         let Some(reply) = answer(&packet, &shared, true) else {
             continue;
         };
+        if let Some(d) = delay(&packet, &shared) {
+            tokio::time::sleep(d).await;
+        }
         let Ok(reply_len) = u16::try_from(reply.len()) else {
             continue;
         };
