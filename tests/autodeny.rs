@@ -149,8 +149,14 @@ async fn through_postfix_denylisted_attributes_and_operator_entries_get_421() {
         Wire::Both,
     )
     .await;
-    let added = post(s.mxguard.http_addr(), "/lists/deny/add?value=198.51.100.81").await;
-    assert!(added.starts_with("HTTP/1.1 200"), "{added}");
+    // As `mxguard deny add` sends it.
+    let (status, body) = common::daemon::http_request(
+        s.mxguard.http_addr(),
+        "POST /lists/deny/add?value=198.51.100.81 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         X-Mxguard-Operator: 1\r\nContent-Length: 0\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let t = s.send("198.51.100.81", &["alice@example.org"]).await;
     assert_eq!(t.rcpts[0].code, 421, "{t:?}");
     assert!(
@@ -159,21 +165,4 @@ async fn through_postfix_denylisted_attributes_and_operator_entries_get_421() {
         ),
         "{t:?}"
     );
-}
-
-async fn post(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Mxguard-Operator: 1\r\nContent-Length: 0\r\n\r\n"
-    ).as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    out
 }

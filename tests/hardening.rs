@@ -428,25 +428,9 @@ async fn an_unknown_socket_group_is_a_start_error_that_names_the_option() {
     );
 }
 
-/// One raw request to the HTTP listener with the given extra header lines;
-/// the status line and body.
+/// A POST with the given request line and headers (no body).
 async fn raw_http(addr: std::net::SocketAddr, request_head: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(format!("{request_head}Content-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
+    common::daemon::http_request(addr, &format!("{request_head}Content-Length: 0\r\n")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -274,10 +274,16 @@ pub fn socket_addr(a: Option<&ListenAddr>) -> SocketAddr {
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\n")).await
+}
+
+/// One request: `head` is its request line and header lines, each ended
+/// by CRLF; the empty line after them is added. (status line, body).
+pub async fn http_request(addr: SocketAddr, head: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("http connect {addr}: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+    s.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
         .await
         .unwrap_or_else(|e| panic!("http write: {e}"));
     let mut buf = Vec::new();
