@@ -89,7 +89,22 @@ async fn respond(stream: &mut Stream, services: &Services) {
             .await
         }
         ("GET" | "HEAD", "/healthz") => {
-            write(stream, "200 OK", "text/plain", "ok\n", head_only).await
+            // A load balancer sends mail elsewhere while the state store
+            // refuses changes, which the checks would answer with 451.
+            match Box::pin(services.store.health()).await {
+                Ok(()) => write(stream, "200 OK", "text/plain", "ok\n", head_only).await,
+                Err(e) => {
+                    let body = format!("state store: {e}\n");
+                    write(
+                        stream,
+                        "503 Service Unavailable",
+                        "text/plain",
+                        &body,
+                        head_only,
+                    )
+                    .await
+                }
+            }
         }
         (_, p) if p.starts_with("/lists/") => {
             let refusal = operator_refusal(stream, &head);

@@ -235,6 +235,12 @@ async fn redis_killed_under_traffic_follows_on_error_keeps_other_refusals_and_re
         "bounded by store.timeout: {:?}",
         t.elapsed()
     );
+    // Either way, a load balancer hears of it.
+    for d in [&strict, &lenient] {
+        let (status, body) = d.http_get("/healthz").await;
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+        assert!(body.starts_with("state store: "), "{body}");
+    }
 
     // Back (empty): greylisting works again without a restart of mxguard.
     redis
@@ -260,6 +266,7 @@ async fn redis_killed_under_traffic_follows_on_error_keeps_other_refusals_and_re
         back,
         "the strict instance greylists again after Redis is back"
     );
+    assert_eq!(strict.http_get("/healthz").await.0, "HTTP/1.1 200 OK");
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -924,6 +931,9 @@ async fn a_full_state_directory_at_run_time_tempfails_then_recovers() {
         )
         .await;
     assert!(failures >= 20.0, "{failures}");
+    let (status, body) = d.http_get("/healthz").await;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("the state file cannot be written"), "{body}");
 
     // Room again: the store reopens its file and takes changes, with no
     // restart.
@@ -941,6 +951,10 @@ async fn a_full_state_directory_at_run_time_tempfails_then_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(back, "greylisting works again once the disk has room");
+    assert_eq!(
+        d.http_get("/healthz").await,
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
     d.stop()
         .await
         .unwrap_or_else(|e| panic!("the final flush fails: {e}"));

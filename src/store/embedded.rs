@@ -173,6 +173,17 @@ impl Embedded {
         })
     }
 
+    /// [`StoreError::Unwritable`] while the last flush had failed.
+    pub(super) fn health(&self) -> Result<()> {
+        match lock(&self.shared.unwritable).clone() {
+            Some(detail) => Err(StoreError::Unwritable {
+                path: self.shared.path.clone(),
+                detail,
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.shared
             .with(key, |s, now| Ok(s.live(key, now).map(|e| e.value.clone())))

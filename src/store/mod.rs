@@ -266,6 +266,19 @@ impl Store {
         })
     }
 
+    /// Whether the store takes changes now, for `/healthz`: the embedded
+    /// store's file can be written (its last flush did not fail); Redis
+    /// answers a read within `store.timeout`.
+    pub async fn health(&self) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Embedded(e) => e.health(),
+            Backend::Redis(_) => self
+                .get(&Key::plain("health", &["probe"]))
+                .await
+                .map(|_| ()),
+        }
+    }
+
     /// `embedded` or `redis`, for logs and metrics.
     pub fn backend_name(&self) -> &'static str {
         match self.inner.backend {
