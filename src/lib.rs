@@ -87,51 +87,42 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every front end the configuration turns on.
     pub async fn bind(config: &Config) -> io::Result<Self> {
-        let milter = match &config.milter.listen {
-            Some(a) => Some(
-                Listener::bind_with_group(
-                    a,
-                    config.milter.socket_mode,
-                    config
-                        .milter
-                        .socket_group
-                        .as_deref()
-                        .map(|g| ("milter.socket_group", g)),
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let policy = match &config.policy.listen {
-            Some(a) => Some(
-                Listener::bind_with_group(
-                    a,
-                    config.policy.socket_mode,
-                    config
-                        .policy
-                        .socket_group
-                        .as_deref()
-                        .map(|g| ("policy.socket_group", g)),
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let socketmap = match &config.socketmap.listen {
-            Some(a) => Some(
-                Listener::bind_with_group(
-                    a,
-                    config.socketmap.socket_mode,
-                    config
-                        .socketmap
-                        .socket_group
-                        .as_deref()
-                        .map(|g| ("socketmap.socket_group", g)),
-                )
-                .await?,
-            ),
-            None => None,
-        };
+        // One front end's listener, if it is on; its socket_group errors
+        // name the option.
+        async fn bind_one(
+            listen: Option<&ListenAddr>,
+            mode: config::SocketMode,
+            group: Option<&str>,
+            option: &str,
+        ) -> io::Result<Option<Listener>> {
+            match listen {
+                Some(a) => Ok(Some(
+                    Listener::bind_with_group(a, mode, group.map(|g| (option, g))).await?,
+                )),
+                None => Ok(None),
+            }
+        }
+        let milter = bind_one(
+            config.milter.listen.as_ref(),
+            config.milter.socket_mode,
+            config.milter.socket_group.as_deref(),
+            "milter.socket_group",
+        )
+        .await?;
+        let policy = bind_one(
+            config.policy.listen.as_ref(),
+            config.policy.socket_mode,
+            config.policy.socket_group.as_deref(),
+            "policy.socket_group",
+        )
+        .await?;
+        let socketmap = bind_one(
+            config.socketmap.listen.as_ref(),
+            config.socketmap.socket_mode,
+            config.socketmap.socket_group.as_deref(),
+            "socketmap.socket_group",
+        )
+        .await?;
         let http = match &config.http.listen {
             Some(a) => Some(Listener::bind(a, config::SocketMode(0o600)).await?),
             None => None,
