@@ -11,6 +11,7 @@ mod common;
 use common::{
     daemon::Mxguard,
     dns::Fault,
+    policy::Policy,
     redis::RedisServer,
     stack::{Stack, Wire},
 };
@@ -38,21 +39,22 @@ const NO_ALIAS: &str = "action=550 5.1.1 nobody@example.org does not exist";
 const LISTED: &str = "action=421 4.7.1 The IP 203.0.113.66 is listed on local";
 const REJECTED: &str = "action=REJECT 5.7.1 ";
 
-/// A policy connection kept open for many requests, as Postfix keeps one.
+/// A policy connection kept open for many requests, as Postfix keeps one,
+/// each request an RCPT in a transaction of its own.
 struct PolicyConn {
-    s: BufReader<TcpStream>,
+    p: Policy,
     n: u64,
 }
 
 impl PolicyConn {
     async fn open(addr: SocketAddr) -> std::io::Result<PolicyConn> {
         Ok(PolicyConn {
-            s: BufReader::new(TcpStream::connect(addr).await?),
+            p: Policy::open(addr).await,
             n: 0,
         })
     }
 
-    /// One RCPT request in a transaction of its own; the `action=` line.
+    /// The `action=` line of one RCPT request.
     async fn ask(&mut self, client: &str, rcpt: &str) -> std::io::Result<String> {
         self.n += 1;
         let req = format!(
@@ -61,21 +63,10 @@ impl PolicyConn {
              sender=bob@example.com\nrecipient={rcpt}\nrecipient_count=0\n\n",
             self, self.n
         );
-        self.s.get_mut().write_all(req.as_bytes()).await?;
-        let mut action = String::new();
-        loop {
-            let mut line = String::new();
-            let read = tokio::time::timeout(Duration::from_secs(10), self.s.read_line(&mut line))
-                .await
-                .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
-            if read == 0 {
-                return Err(std::io::Error::other("connection closed"));
-            }
-            match line.trim_end() {
-                "" => return Ok(action),
-                a => action = a.to_owned(),
-            }
-        }
+        self.p
+            .ask(req.as_bytes())
+            .await
+            .ok_or_else(|| std::io::Error::other("connection closed without an answer"))
     }
 }
 

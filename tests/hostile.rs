@@ -10,6 +10,7 @@ mod common;
 
 use common::{
     daemon::Mxguard,
+    policy::Policy,
     postfix::{Postfix, Wiring},
     sink::Sink,
     smtp::{self, Envelope},
@@ -233,41 +234,6 @@ fn peak_rss_kib() -> u64 {
 // ---------------------------------------------------------------- policy
 
 /// A raw policy connection.
-struct Policy(BufReader<TcpStream>);
-
-impl Policy {
-    async fn open(d: &Mxguard) -> Policy {
-        Policy(BufReader::new(
-            TcpStream::connect(d.policy_addr())
-                .await
-                .unwrap_or_else(|e| panic!("connect: {e}")),
-        ))
-    }
-
-    /// Sends a request; its `action=` line, or None when mxguard closed
-    /// the connection instead of answering.
-    async fn ask(&mut self, request: &[u8]) -> Option<String> {
-        if self.0.get_mut().write_all(request).await.is_err() {
-            return None;
-        }
-        let mut answer = String::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(10), self.0.read_line(&mut line))
-                .await
-                .unwrap_or_else(|_| panic!("no answer within 10 s"))
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            if line == "\n" {
-                return Some(answer.trim_end().to_owned());
-            }
-            answer.push_str(&line);
-        }
-    }
-}
-
 /// An RCPT request with the given attributes replacing the defaults.
 fn rcpt_request(over: &[(&str, &[u8])]) -> Vec<u8> {
     let mut attrs: Vec<(&str, Vec<u8>)> = vec![
@@ -788,7 +754,7 @@ async fn overlong_addresses_at_milter_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlong_addresses_in_policy_requests() {
     let d = Mxguard::start("").await;
-    let mut p = Policy::open(&d).await;
+    let mut p = Policy::open(d.policy_addr()).await;
     let long = long_address(1_000, "example.com");
     assert_eq!(
         p.ask(&rcpt_request(&[("sender", long.as_bytes())]))
@@ -810,7 +776,7 @@ async fn overlong_addresses_in_policy_requests() {
     for len in [10_000, 100_000] {
         for attr in ["sender", "recipient"] {
             let long = long_address(len, "example.org");
-            let mut p = Policy::open(&d).await;
+            let mut p = Policy::open(d.policy_addr()).await;
             assert_eq!(p.ask(&rcpt_request(&[(attr, long.as_bytes())])).await, None);
         }
     }
@@ -819,7 +785,7 @@ async fn overlong_addresses_in_policy_requests() {
             .await,
         4.0
     );
-    let mut p = Policy::open(&d).await;
+    let mut p = Policy::open(d.policy_addr()).await;
     assert_eq!(
         p.ask(&rcpt_request(&[])).await.as_deref(),
         Some("action=DUNNO")
@@ -1050,7 +1016,7 @@ async fn eight_bit_and_nul_bytes_at_milter_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_and_eight_bit_bytes_in_policy_requests() {
     let d = Mxguard::start("").await;
-    let mut p = Policy::open(&d).await;
+    let mut p = Policy::open(d.policy_addr()).await;
     let cases: [(&str, &[u8], &str); 9] = [
         (
             "sender",

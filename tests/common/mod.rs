@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod policy;
 pub mod ports;
 pub mod postfix;
 pub mod postsrsd;
